@@ -1,0 +1,709 @@
+//! Server connections: connect and log in, the protocol state the relay keeps on them,
+//! recovery of a connection left mid-request, and the explicit shutdown contract.
+//!
+//! Every [`ServerConn`] ends in [`ServerConn::shutdown`] (Terminate, flush, TCP shutdown, wait
+//! for the server's EOF, all bounded) or [`ServerConn::close_hard`]. `Drop` is only a detector;
+//! see the type's docs and DESIGN.md section 1.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::{self, TERMINATE};
+
+/// Where and as whom a pool connects.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ServerTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dbname
+        )
+    }
+}
+
+/// Errors from a server connection.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(String),
+    /// The server answered with an ErrorResponse; code and message are Postgres's.
+    #[error("{message}")]
+    Server { code: String, message: String },
+    #[error("server requested {0} authentication, which tidepool does not support")]
+    UnsupportedAuth(&'static str),
+    #[error("server requested a password but none is configured for user \"{0}\"")]
+    NoPassword(String),
+    #[error("server connection I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol error from server: {0}")]
+    Protocol(String),
+    #[error("server closed the connection unexpectedly")]
+    Closed,
+    #[error("timed out waiting for the server")]
+    Timeout,
+}
+
+impl BackendError {
+    /// SQLSTATE to show a client for this error.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            BackendError::Server { code, .. } => code,
+            BackendError::UnsupportedAuth(_) | BackendError::NoPassword(_) => "28000",
+            _ => "08006",
+        }
+    }
+}
+
+/// The server's key for CancelRequest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// Server-reported parameters (ParameterStatus), name → value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        if let Some(slot) = self
+            .0
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            if slot.1 != value {
+                slot.1.clear();
+                slot.1.push_str(value);
+            }
+        } else {
+            self.0.push((name.to_string(), value.to_string()));
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// What the relay knows about the protocol exchange on a server connection. A connection is
+/// reusable only when [`ProtoState::is_clean`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProtoState {
+    /// ReadyForQuery messages still owed by the server (one per Query, Sync, FunctionCall sent).
+    pub expected_rfq: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    pub in_extended: bool,
+    /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
+    pub txn_status: u8,
+    /// The server is in COPY FROM STDIN (it sent CopyInResponse, the client has not ended it).
+    pub copy_in: bool,
+    /// The server is streaming COPY TO STDOUT.
+    pub copy_out: bool,
+    /// Bytes of a client message that were announced to the server but not yet sent (the relay
+    /// streams large messages), with that message's tag.
+    pub partial_to_server: Option<(u8, usize)>,
+    /// An I/O error or a desynchronised stream: never reuse.
+    pub broken: bool,
+}
+
+impl Default for ProtoState {
+    fn default() -> Self {
+        ProtoState {
+            expected_rfq: 0,
+            in_extended: false,
+            txn_status: b'I',
+            copy_in: false,
+            copy_out: false,
+            partial_to_server: None,
+            broken: false,
+        }
+    }
+}
+
+impl ProtoState {
+    pub fn is_clean(&self) -> bool {
+        self.expected_rfq == 0
+            && !self.in_extended
+            && self.txn_status == b'I'
+            && !self.copy_in
+            && !self.copy_out
+            && self.partial_to_server.is_none()
+            && !self.broken
+    }
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Test-only hooks that make leaks happen on purpose.
+#[doc(hidden)]
+pub mod test_hooks {
+    use std::sync::atomic::AtomicBool;
+    /// When set, the next session task that holds a server panics (see `frontend`).
+    pub static PANIC_NEXT_SESSION: AtomicBool = AtomicBool::new(false);
+}
+
+/// One logged-in server connection.
+///
+/// # Drop behaviour
+///
+/// `Drop` cannot send Terminate properly: it cannot `.await` a write over an async socket, and
+/// stable Rust has no async drop. So the owner must end every connection with
+/// [`shutdown`](Self::shutdown) or [`close_hard`](Self::close_hard), both of which consume it.
+/// If a `ServerConn` is dropped while still open, that is a bug somewhere: `Drop` adds 1 to
+/// `tidepool_server_connections_leaked_total{pool}`, logs one `warn!` (connection id, pool, age,
+/// protocol state, whether the thread is panicking), and makes one non-blocking attempt to write
+/// the 5-byte Terminate with a plain `send(2)` when no message is half-sent. It never awaits,
+/// blocks, panics or spawns, so it is safe outside a runtime and during unwinding.
+pub struct ServerConn {
+    stream: TcpStream,
+    /// Set once the connection has been closed through `shutdown`/`close_hard`.
+    closed: bool,
+    pub id: u64,
+    pub pool: Arc<str>,
+    pub created: Instant,
+    /// When the connection last went back to the idle list.
+    pub idle_since: Instant,
+    pub state: ProtoState,
+    pub key: BackendKey,
+    pub addr: SocketAddr,
+    /// Current server-side values of reported parameters (ParameterStatus).
+    pub params: Params,
+    /// Non-reported settings tidepool applied for a client (`options=-c ...`).
+    pub applied: Params,
+    /// Client bytes the relay had framed for this server but not yet written when the client
+    /// went away; recovery writes them first so the server's input ends on a message boundary.
+    pub pending: Option<BytesMut>,
+    leaked: Counter,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("id", &self.id)
+            .field("pool", &self.pool)
+            .field("pid", &self.key.pid)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// Terminate was sent and the server closed its side.
+    Clean,
+    /// The graceful path failed or timed out; the socket was closed anyway.
+    Hard,
+}
+
+fn set_socket_options(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    sock.set_tcp_keepalive(&ka)?;
+    Ok(())
+}
+
+/// Connect to `target`, log in and wait for the first ReadyForQuery.
+///
+/// # Cancel safety
+/// Cancelling drops a half-open TCP stream before any `ServerConn` exists; nothing leaks into
+/// the pool. Postgres logs such an abandoned login as an incomplete startup.
+pub async fn connect(
+    target: &ServerTarget,
+    pool: Arc<str>,
+    leaked: Counter,
+    timeout: Duration,
+) -> Result<ServerConn, BackendError> {
+    match tokio::time::timeout(timeout, connect_inner(target, pool, leaked)).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::ConnectTimeout(format!(
+            "{}:{}",
+            target.host, target.port
+        ))),
+    }
+}
+
+async fn connect_inner(
+    target: &ServerTarget,
+    pool: Arc<str>,
+    leaked: Counter,
+) -> Result<ServerConn, BackendError> {
+    let addr_text = format!("{}:{}", target.host, target.port);
+    let mut stream = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|source| BackendError::Connect {
+            addr: addr_text.clone(),
+            source,
+        })?;
+    set_socket_options(&stream)?;
+    let addr = stream.peer_addr()?;
+
+    let mut out = BytesMut::with_capacity(256);
+    frontend::startup_message(
+        [
+            ("user", target.user.as_str()),
+            ("database", target.dbname.as_str()),
+        ],
+        &mut out,
+    )?;
+    stream.write_all(&out).await?;
+    out.clear();
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut params = Params::default();
+    let mut key = BackendKey::default();
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let (tag, body) = read_message(&mut stream, &mut buf).await?;
+        match tag {
+            b'R' => {
+                if body.len() < 4 {
+                    return Err(BackendError::Protocol(
+                        "short authentication message".into(),
+                    ));
+                }
+                let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                let data = &body[4..];
+                match code {
+                    0 => {}
+                    3 => {
+                        let pw = password(target)?;
+                        frontend::password_message(pw.as_bytes(), &mut out)?;
+                    }
+                    5 => {
+                        if data.len() < 4 {
+                            return Err(BackendError::Protocol("short md5 salt".into()));
+                        }
+                        let pw = password(target)?;
+                        let salt = [data[0], data[1], data[2], data[3]];
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            target.user.as_bytes(),
+                            pw.as_bytes(),
+                            salt,
+                        );
+                        frontend::password_message(hash.as_bytes(), &mut out)?;
+                    }
+                    10 => {
+                        let offers_scram = data.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
+                        if !offers_scram {
+                            return Err(BackendError::UnsupportedAuth("SASL (non SCRAM-SHA-256)"));
+                        }
+                        let pw = password(target)?;
+                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().ok_or_else(|| {
+                            BackendError::Protocol("unexpected SASLContinue".into())
+                        })?;
+                        s.update(data)
+                            .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}")))?;
+                        frontend::sasl_response(s.message(), &mut out)?;
+                    }
+                    12 => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| BackendError::Protocol("unexpected SASLFinal".into()))?;
+                        s.finish(data)
+                            .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}")))?;
+                    }
+                    2 => return Err(BackendError::UnsupportedAuth("Kerberos")),
+                    6 => return Err(BackendError::UnsupportedAuth("SCM credentials")),
+                    7 | 8 => return Err(BackendError::UnsupportedAuth("GSSAPI")),
+                    9 => return Err(BackendError::UnsupportedAuth("SSPI")),
+                    _ => return Err(BackendError::Protocol(format!("auth code {code}"))),
+                }
+                if !out.is_empty() {
+                    stream.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+            b'S' => {
+                if let Some((k, v)) = protocol::parse_parameter_status(&body) {
+                    params.set(k, v);
+                }
+            }
+            b'K' => {
+                if body.len() >= 8 {
+                    key = BackendKey {
+                        pid: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                        secret: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                    };
+                }
+            }
+            b'E' => {
+                let (code, message) = protocol::parse_error_fields(&body);
+                return Err(BackendError::Server { code, message });
+            }
+            b'N' => {}
+            b'Z' => {
+                let now = Instant::now();
+                return Ok(ServerConn {
+                    stream,
+                    closed: false,
+                    id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+                    pool,
+                    created: now,
+                    idle_since: now,
+                    state: ProtoState::default(),
+                    key,
+                    addr,
+                    params,
+                    applied: Params::default(),
+                    pending: None,
+                    leaked,
+                });
+            }
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "unexpected message '{}' during login",
+                    other as char
+                )))
+            }
+        }
+    }
+}
+
+fn password(target: &ServerTarget) -> Result<&str, BackendError> {
+    target
+        .password
+        .as_deref()
+        .ok_or_else(|| BackendError::NoPassword(target.user.clone()))
+}
+
+/// Read one whole message (login and control paths only; the relay has its own framing).
+async fn read_message(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<(u8, BytesMut), BackendError> {
+    loop {
+        if let Some(h) = protocol::header(buf, 64 * 1024 * 1024)
+            .map_err(|e| BackendError::Protocol(e.to_string()))?
+        {
+            if buf.len() >= h.total {
+                let mut msg = buf.split_to(h.total);
+                msg.advance(5);
+                return Ok((h.tag, msg));
+            }
+            buf.reserve(h.total - buf.len());
+        } else {
+            buf.reserve(4096);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(BackendError::Closed);
+        }
+    }
+}
+
+/// Result of a statement run by tidepool itself on a server connection.
+#[derive(Debug, Default)]
+pub struct ExecOutcome {
+    /// The first ErrorResponse, if any: (SQLSTATE, message).
+    pub error: Option<(String, String)>,
+}
+
+impl ServerConn {
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Reusable as is: the protocol state is clean and no client bytes wait to be written.
+    pub fn is_clean(&self) -> bool {
+        self.state.is_clean() && self.pending.is_none()
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// True if the server has sent nothing and not closed while idle (one non-blocking read).
+    /// An idle Postgres backend sends nothing unless it is terminating (`pg_terminate_backend`,
+    /// a restart), so any byte means the connection must go.
+    pub fn idle_check(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            _ => false,
+        }
+    }
+
+    /// Run one simple-protocol statement that tidepool issues itself (parameter sync, reset,
+    /// rollback) and read to its ReadyForQuery, updating `params` from ParameterStatus.
+    pub async fn exec(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<ExecOutcome, BackendError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 6);
+        protocol::query(&mut out, sql);
+        self.state.expected_rfq += 1;
+        let r = tokio::time::timeout(timeout, async {
+            self.stream.write_all(&out).await?;
+            self.read_to_ready(None).await
+        })
+        .await;
+        match r {
+            Ok(Ok(o)) => Ok(o),
+            Ok(Err(e)) => {
+                self.state.broken = true;
+                Err(e)
+            }
+            Err(_) => Err(BackendError::Timeout),
+        }
+    }
+
+    /// Read and discard until every owed ReadyForQuery has arrived. A COPY IN that starts
+    /// meanwhile is refused with CopyFail.
+    async fn read_to_ready(
+        &mut self,
+        mut buf: Option<BytesMut>,
+    ) -> Result<ExecOutcome, BackendError> {
+        let mut buf = buf.take().unwrap_or_else(|| BytesMut::with_capacity(1024));
+        let mut outcome = ExecOutcome::default();
+        while self.state.expected_rfq > 0 {
+            let (tag, body) = match read_message(&mut self.stream, &mut buf).await {
+                Ok(m) => m,
+                Err(e) => {
+                    self.state.broken = true;
+                    return Err(e);
+                }
+            };
+            match tag {
+                b'Z' => {
+                    self.state.expected_rfq -= 1;
+                    self.state.txn_status = body.first().copied().unwrap_or(b'I');
+                    self.state.copy_out = false;
+                }
+                b'S' => {
+                    if let Some((k, v)) = protocol::parse_parameter_status(&body) {
+                        self.params.set(k, v);
+                    }
+                }
+                b'E' => {
+                    if outcome.error.is_none() {
+                        outcome.error = Some(protocol::parse_error_fields(&body));
+                    }
+                    self.state.copy_in = false;
+                    self.state.copy_out = false;
+                }
+                b'G' => {
+                    let mut f = BytesMut::new();
+                    protocol::copy_fail(&mut f, "tidepool: client went away");
+                    self.stream.write_all(&f).await?;
+                }
+                b'H' => self.state.copy_out = true,
+                b'c' => self.state.copy_out = false,
+                b'W' => {
+                    self.state.broken = true;
+                    return Err(BackendError::Protocol("unexpected CopyBothResponse".into()));
+                }
+                _ => {}
+            }
+        }
+        if !buf.is_empty() {
+            // Bytes after the last ReadyForQuery: the stream is no longer in step with us.
+            self.state.broken = true;
+        }
+        Ok(outcome)
+    }
+
+    /// Bring a connection that a client left mid-request back to an idle, reusable state:
+    /// finish a half-sent CopyData, fail a COPY IN, Sync an open extended exchange, cancel a
+    /// running query, read to ReadyForQuery and roll back an open transaction. Returns true if
+    /// the connection is clean afterwards. Bounded by `timeout`.
+    pub async fn recover(&mut self, timeout: Duration) -> bool {
+        if self.state.broken {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let r = tokio::time::timeout_at(deadline, self.recover_inner()).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(conn.id = self.id, error = %e, "recovery failed");
+                self.state.broken = true;
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!(conn.id = self.id, "recovery timed out");
+                self.state.broken = true;
+                return false;
+            }
+        }
+        if self.state.txn_status != b'I' && !self.state.broken {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.exec("ROLLBACK", left).await {
+                Ok(o) if o.error.is_none() => {}
+                _ => return false,
+            }
+        }
+        self.is_clean()
+    }
+
+    async fn recover_inner(&mut self) -> Result<(), BackendError> {
+        if let Some(pending) = self.pending.take() {
+            self.stream.write_all(&pending).await?;
+        }
+        let mut out = BytesMut::new();
+        if let Some((tag, remaining)) = self.state.partial_to_server {
+            if tag != b'd' {
+                // A half-sent message other than CopyData cannot be completed safely.
+                return Err(BackendError::Protocol(format!(
+                    "client left mid-message ('{}')",
+                    tag as char
+                )));
+            }
+            // Complete the CopyData with filler; the CopyFail below discards it all.
+            out.resize(remaining, 0);
+            self.state.partial_to_server = None;
+        }
+        if self.state.copy_in {
+            protocol::copy_fail(&mut out, "tidepool: client went away");
+            self.state.copy_in = false;
+        }
+        if self.state.in_extended {
+            out.extend_from_slice(&protocol::SYNC);
+            self.state.in_extended = false;
+            self.state.expected_rfq += 1;
+        }
+        if !out.is_empty() {
+            self.stream.write_all(&out).await?;
+        }
+        if self.state.expected_rfq > 0 {
+            // A query may still be running: cancel it, and wait for the postmaster to close the
+            // cancel connection (the signal has then been sent) so that it cannot hit a later
+            // query on this connection.
+            let _ = send_cancel(self.addr, self.key).await;
+            self.read_to_ready(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Explicit graceful close: Terminate, flush, TCP shutdown, then wait for the server to
+    /// close its side, all within `timeout`; on failure or timeout the socket is closed anyway.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropping this future drops the connection, which the `Drop` detector
+    /// reports as a leak. Callers await it to completion (it is bounded by `timeout`).
+    pub async fn shutdown(mut self, timeout: Duration) -> ShutdownOutcome {
+        let mid_message = self.state.partial_to_server.is_some()
+            || self.pending.as_ref().is_some_and(|p| !p.is_empty());
+        let r = tokio::time::timeout(timeout, async {
+            if mid_message {
+                return Err(std::io::Error::other("mid-message"));
+            }
+            self.stream.write_all(&TERMINATE).await?;
+            self.stream.flush().await?;
+            self.stream.shutdown().await?;
+            // Drain until the server closes: closing with unread data would send a RST.
+            let mut sink = [0u8; 512];
+            loop {
+                if self.stream.read(&mut sink).await? == 0 {
+                    return Ok::<(), std::io::Error>(());
+                }
+            }
+        })
+        .await;
+        self.closed = true;
+        match r {
+            Ok(Ok(())) => ShutdownOutcome::Clean,
+            Ok(Err(e)) => {
+                tracing::debug!(conn.id = self.id, error = %e, "graceful close failed; closed hard");
+                ShutdownOutcome::Hard
+            }
+            Err(_) => {
+                tracing::warn!(conn.id = self.id, pool = %self.pool, "server did not close within server_close_timeout; closed hard");
+                ShutdownOutcome::Hard
+            }
+        }
+    }
+
+    /// Close the socket without the protocol goodbye (the server is known dead or broken).
+    pub fn close_hard(mut self) {
+        self.closed = true;
+    }
+
+    /// Test-only: drop the connection without shutdown, to exercise the leak detector.
+    #[doc(hidden)]
+    pub fn leak_for_test(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.leaked.inc();
+        let panicking = std::thread::panicking();
+        tracing::warn!(
+            conn.id = self.id,
+            pool = %self.pool,
+            age_ms = self.created.elapsed().as_millis() as u64,
+            state = ?self.state,
+            panicking,
+            "server connection dropped without shutdown (leak)"
+        );
+        if self.state.partial_to_server.is_none() && self.pending.is_none() {
+            // One non-blocking send(2); whatever happens, we do not wait.
+            let _ = socket2::SockRef::from(&self.stream).send(&TERMINATE);
+        }
+    }
+}
+
+/// Send a CancelRequest for `key` to `addr` over a new connection and wait (bounded) until the
+/// postmaster closes it, which it does after signalling the backend.
+pub async fn send_cancel(addr: SocketAddr, key: BackendKey) -> std::io::Result<()> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(&protocol::cancel_request(key.pid, key.secret))
+            .await?;
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "cancel timed out",
+        ))
+    })
+}

@@ -1,0 +1,630 @@
+//! Configuration: the TOML file of DESIGN.md section 3, its defaults, `${ENV}` expansion,
+//! validation, and the no-file `--upstream` form.
+//!
+//! Errors name the file, the key and what is wrong, because the process exits 64 on them and an
+//! operator must be able to fix the file from the message alone.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration error, already worded for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub admin: AdminConfig,
+    pub drain: DrainConfig,
+    pub auth: AuthConfig,
+    pub pool: PoolDefaults,
+    pub log: LogConfig,
+    /// Key: the database name clients ask for; `"*"` is the fallback.
+    pub databases: BTreeMap<String, DatabaseConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    pub addr: SocketAddr,
+    pub max_clients: usize,
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
+    /// Largest message a client may send (bytes). Postgres itself allows up to 1 GiB.
+    pub max_message_size: usize,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            addr: "127.0.0.1:6432".parse().expect("literal address"),
+            max_clients: 10_000,
+            login_timeout: Duration::from_secs(10),
+            max_message_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            addr: "127.0.0.1:9930".parse().expect("literal address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub accept_for: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_close_timeout: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            timeout: Duration::from_secs(25),
+            accept_for: Duration::ZERO,
+            server_close_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AuthMethod {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub method: AuthMethod,
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: AuthMethod::ScramSha256,
+            users: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    #[serde(skip_serializing)]
+    pub password: String,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        }
+    }
+}
+
+/// `[pool]`: defaults for every database.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolDefaults {
+    pub mode: PoolMode,
+    pub size: usize,
+    pub min_idle: usize,
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub reset_query: String,
+    /// Clients allowed to wait for a server per pool; beyond it a client gets an error at once.
+    pub max_waiting: usize,
+}
+
+impl Default for PoolDefaults {
+    fn default() -> Self {
+        PoolDefaults {
+            mode: PoolMode::Transaction,
+            size: 20,
+            min_idle: 0,
+            checkout_timeout: Duration::from_secs(5),
+            server_lifetime: Duration::from_secs(3600),
+            server_idle_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(5),
+            reset_query: "DISCARD ALL".to_string(),
+            max_waiting: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Server-side database name; default: the table's key (for `"*"`: the client's).
+    pub dbname: Option<String>,
+    /// Server-side user; default: the client's own.
+    pub user: Option<String>,
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+    pub size: Option<usize>,
+    pub mode: Option<PoolMode>,
+    pub min_idle: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub checkout_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub server_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub server_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    pub reset_query: Option<String>,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("size", &self.size)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_host() -> String {
+    "127.0.0.1".to_string()
+}
+fn default_port() -> u16 {
+    5432
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// The effective settings of one pool: `[pool]` with the database's overrides applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub size: usize,
+    pub min_idle: usize,
+    pub checkout_timeout: Duration,
+    pub server_lifetime: Duration,
+    pub server_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub reset_query: String,
+    pub max_waiting: usize,
+}
+
+impl Config {
+    /// Read, expand and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parse config text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError(format!("{origin}: {}", e.to_string().trim_end()))
+        })?;
+        expand_env_table(&mut value, "").map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        let de = toml::Value::Table(value);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError(format!("{origin}: key `{path}`: {}", inner.message()))
+        })?;
+        config
+            .validate()
+            .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        Ok(config)
+    }
+
+    /// The config of `tidepool --upstream postgres://USER:PASS@HOST:PORT/DB`: one pool in front of
+    /// one database; clients log in as USER with PASS (SCRAM-SHA-256).
+    pub fn from_upstream(url: &str) -> Result<Config, ConfigError> {
+        let bad = |what: &str| {
+            ConfigError(format!(
+                "--upstream: {what} (expected postgres://USER:PASS@HOST:PORT/DB)"
+            ))
+        };
+        let u = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        if u.scheme() != "postgres" && u.scheme() != "postgresql" {
+            return Err(bad("scheme must be postgres://"));
+        }
+        let user = percent_decode(u.username());
+        if user.is_empty() {
+            return Err(bad("missing USER"));
+        }
+        let password = percent_decode(u.password().unwrap_or(""));
+        let host = match u.host() {
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            Some(h) => h.to_string(),
+            None => return Err(bad("missing HOST")),
+        };
+        let port = u.port().unwrap_or(5432);
+        let db = percent_decode(u.path().trim_start_matches('/'));
+        if db.is_empty() {
+            return Err(bad("missing /DB"));
+        }
+        let mut config = Config::default();
+        config.auth.users.push(UserConfig {
+            name: user.clone(),
+            password: password.clone(),
+        });
+        config.databases.insert(
+            db.clone(),
+            DatabaseConfig {
+                host,
+                port,
+                dbname: Some(db),
+                user: Some(user),
+                password: Some(password),
+                size: None,
+                mode: None,
+                min_idle: None,
+                checkout_timeout: None,
+                server_lifetime: None,
+                server_idle_timeout: None,
+                connect_timeout: None,
+                reset_query: None,
+            },
+        );
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, what: &str| Err(ConfigError(format!("key `{key}`: {what}")));
+        if self.listen.max_clients == 0 {
+            return err("listen.max_clients", "must be at least 1");
+        }
+        if self.listen.login_timeout.is_zero() {
+            return err("listen.login_timeout", "must be greater than 0");
+        }
+        if self.listen.max_message_size < 1024 {
+            return err("listen.max_message_size", "must be at least 1024 bytes");
+        }
+        if self.drain.server_close_timeout.is_zero() {
+            return err("drain.server_close_timeout", "must be greater than 0");
+        }
+        if self.databases.is_empty() {
+            return err("databases", "at least one database must be configured");
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.auth.users {
+            if u.name.is_empty() {
+                return err("auth.users.name", "must not be empty");
+            }
+            if !names.insert(u.name.as_str()) {
+                return err("auth.users", &format!("user `{}` is listed twice", u.name));
+            }
+        }
+        if self.auth.method != AuthMethod::Trust && self.auth.users.is_empty() {
+            return err(
+                "auth.users",
+                "auth.method requires passwords: list the users, or set auth.method = \"trust\"",
+            );
+        }
+        for name in self.databases.keys() {
+            let s = self.pool_settings(name);
+            let key = |k: &str| format!("databases.{name}.{k}");
+            if s.size == 0 {
+                return err(&key("size"), "must be at least 1");
+            }
+            if s.min_idle > s.size {
+                return err(&key("min_idle"), "must not exceed size");
+            }
+            if s.checkout_timeout.is_zero() {
+                return err(&key("checkout_timeout"), "must be greater than 0");
+            }
+            if s.connect_timeout.is_zero() {
+                return err(&key("connect_timeout"), "must be greater than 0");
+            }
+            if s.server_lifetime.is_zero() {
+                return err(&key("server_lifetime"), "must be greater than 0");
+            }
+            if s.server_idle_timeout.is_zero() {
+                return err(&key("server_idle_timeout"), "must be greater than 0");
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective pool settings for the database entry `name` (a key of `databases`).
+    pub fn pool_settings(&self, name: &str) -> PoolSettings {
+        let p = &self.pool;
+        let d = self.databases.get(name);
+        PoolSettings {
+            mode: d.and_then(|d| d.mode).unwrap_or(p.mode),
+            size: d.and_then(|d| d.size).unwrap_or(p.size),
+            min_idle: d.and_then(|d| d.min_idle).unwrap_or(p.min_idle),
+            checkout_timeout: d
+                .and_then(|d| d.checkout_timeout)
+                .unwrap_or(p.checkout_timeout),
+            server_lifetime: d
+                .and_then(|d| d.server_lifetime)
+                .unwrap_or(p.server_lifetime),
+            server_idle_timeout: d
+                .and_then(|d| d.server_idle_timeout)
+                .unwrap_or(p.server_idle_timeout),
+            connect_timeout: d
+                .and_then(|d| d.connect_timeout)
+                .unwrap_or(p.connect_timeout),
+            reset_query: d
+                .and_then(|d| d.reset_query.clone())
+                .unwrap_or_else(|| p.reset_query.clone()),
+            max_waiting: p.max_waiting,
+        }
+    }
+
+    /// The entry serving database `name`: the listed one, else the `"*"` fallback.
+    pub fn database_entry(&self, name: &str) -> Option<(&str, &DatabaseConfig)> {
+        if let Some((k, v)) = self.databases.get_key_value(name) {
+            if k != "*" {
+                return Some((k.as_str(), v));
+            }
+        }
+        self.databases
+            .get_key_value("*")
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The effective settings as TOML with secrets left out (for `tidepool check`).
+    pub fn effective_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Where the config comes from, for reloads.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Upstream(String),
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Replace `${NAME}` in every string value with the environment variable's value.
+fn expand_env_table(t: &mut toml::Table, prefix: &str) -> Result<(), String> {
+    for (k, v) in t.iter_mut() {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        expand_env_value(v, &path)?;
+    }
+    Ok(())
+}
+
+fn expand_env_value(v: &mut toml::Value, path: &str) -> Result<(), String> {
+    match v {
+        toml::Value::String(s) => {
+            if s.contains("${") {
+                *s = expand_env_str(s).map_err(|e| format!("key `{path}`: {e}"))?;
+            }
+        }
+        toml::Value::Table(t) => expand_env_table(t, path)?,
+        toml::Value::Array(a) => {
+            for (i, item) in a.iter_mut().enumerate() {
+                expand_env_value(item, &format!("{path}[{i}]"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_env_str(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated `${` in value".to_string())?;
+        let name = &after[..end];
+        if name.is_empty() {
+            return Err("empty variable name in `${}`".to_string());
+        }
+        let val =
+            std::env::var(name).map_err(|_| format!("environment variable `{name}` is not set"))?;
+        out.push_str(&val);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[auth]
+method = "trust"
+[databases.app]
+port = 5433
+"#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.listen.addr.to_string(), "127.0.0.1:6432");
+        assert_eq!(c.drain.timeout, Duration::from_secs(25));
+        let s = c.pool_settings("app");
+        assert_eq!(s.mode, PoolMode::Transaction);
+        assert_eq!(s.size, 20);
+        assert_eq!(s.reset_query, "DISCARD ALL");
+        assert_eq!(c.databases["app"].port, 5433);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let text = format!("{MINIMAL}\n[pool]\nsizee = 3\n");
+        let e = Config::parse(&text, "t.toml").unwrap_err().0;
+        assert!(e.contains("t.toml"), "{e}");
+        assert!(e.contains("pool"), "{e}");
+        assert!(e.contains("sizee"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_reported_with_key() {
+        let text = format!("{MINIMAL}\n[drain]\ntimeout = \"soon\"\n");
+        let e = Config::parse(&text, "t.toml").unwrap_err().0;
+        assert!(e.contains("drain.timeout"), "{e}");
+    }
+
+    #[test]
+    fn env_expansion_and_missing_var() {
+        std::env::set_var("TIDEPOOL_TEST_PW", "s3cret");
+        let text = "[auth]\n[[auth.users]]\nname = \"app\"\npassword = \"${TIDEPOOL_TEST_PW}\"\n[databases.app]\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        assert_eq!(c.auth.users[0].password, "s3cret");
+        let text = text.replace("TIDEPOOL_TEST_PW", "TIDEPOOL_TEST_UNSET_VAR");
+        let e = Config::parse(&text, "t.toml").unwrap_err().0;
+        assert!(e.contains("TIDEPOOL_TEST_UNSET_VAR"), "{e}");
+        assert!(e.contains("auth.users[0].password"), "{e}");
+    }
+
+    #[test]
+    fn overrides_and_fallback() {
+        let text = r#"
+[auth]
+method = "trust"
+[pool]
+size = 7
+[databases.app]
+size = 3
+mode = "session"
+[databases."*"]
+host = "127.0.0.1"
+"#;
+        let c = Config::parse(text, "t.toml").unwrap();
+        assert_eq!(c.pool_settings("app").size, 3);
+        assert_eq!(c.pool_settings("app").mode, PoolMode::Session);
+        assert_eq!(c.pool_settings("*").size, 7);
+        assert_eq!(c.database_entry("app").unwrap().0, "app");
+        assert_eq!(c.database_entry("other").unwrap().0, "*");
+    }
+
+    #[test]
+    fn validation_errors() {
+        let e = Config::parse("[auth]\nmethod = \"trust\"\n", "t.toml")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("databases"), "{e}");
+        let e = Config::parse("[databases.app]\n", "t.toml").unwrap_err().0;
+        assert!(e.contains("auth.users"), "{e}");
+        let text = format!("{MINIMAL}\n[pool]\nsize = 0\n");
+        let e = Config::parse(&text, "t.toml").unwrap_err().0;
+        assert!(e.contains("databases.app.size"), "{e}");
+    }
+
+    #[test]
+    fn upstream_url() {
+        let c = Config::from_upstream("postgres://app:p%40ss@127.0.0.1:5433/appdb").unwrap();
+        assert_eq!(c.auth.users[0].name, "app");
+        assert_eq!(c.auth.users[0].password, "p@ss");
+        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
+        let d = &c.databases["appdb"];
+        assert_eq!(d.port, 5433);
+        assert_eq!(d.password.as_deref(), Some("p@ss"));
+        assert!(Config::from_upstream("mysql://a@b/c").is_err());
+        assert!(Config::from_upstream("postgres://127.0.0.1/db").is_err());
+    }
+
+    #[test]
+    fn effective_toml_has_no_secrets() {
+        let c = Config::from_upstream("postgres://app:hunter2@127.0.0.1:5433/appdb").unwrap();
+        let t = c.effective_toml();
+        assert!(!t.contains("hunter2"), "{t}");
+        assert!(t.contains("appdb"), "{t}");
+    }
+}

@@ -1,0 +1,436 @@
+//! The client side: accepting connections, the startup handshake and login, then the relay.
+//!
+//! Login order follows Postgres (protocol docs 55.2.1 "Start-up"): SSLRequest/GSSENCRequest
+//! are answered `N` (no encryption offered yet), a CancelRequest is handled and the connection
+//! closed, and a StartupMessage is authenticated, then answered with AuthenticationOk, the
+//! server's ParameterStatus values, tidepool's BackendKeyData and ReadyForQuery.
+
+pub mod cancel;
+pub mod params;
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::auth::{md5_verify, ScramServer};
+use crate::config::{AuthMethod, PoolMode};
+use crate::metrics::RejectReason;
+use crate::pool::{CheckoutError, Pool};
+use crate::protocol::{self, ProtocolError, Severity, StartupPacket};
+use crate::server::{Runtime, Shared};
+
+use self::cancel::ClientShared;
+use self::params::ClientParams;
+
+/// A login-phase failure, already worded for the client.
+#[derive(Debug)]
+pub struct LoginError {
+    pub code: String,
+    pub message: String,
+    pub reason: RejectReason,
+}
+
+impl LoginError {
+    fn new(code: &str, message: impl Into<String>, reason: RejectReason) -> Self {
+        LoginError {
+            code: code.to_string(),
+            message: message.into(),
+            reason,
+        }
+    }
+}
+
+/// Serve one accepted client connection until it leaves.
+pub async fn serve_client(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
+    let span = tracing::info_span!("client", client.addr = %peer);
+    async move {
+        let _ = sock.set_nodelay(true);
+        if let Err(e) = serve_inner(&shared, sock).await {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_inner(shared: &Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
+    let rt = shared.runtime();
+    let over_limit = shared.client_count() > rt.config.listen.max_clients;
+    let deadline = tokio::time::Instant::now() + rt.config.listen.login_timeout;
+    let login = tokio::time::timeout_at(deadline, login(shared, &rt, &mut sock, over_limit)).await;
+    let session = match login {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => {
+            shared.metrics.reject(e.reason);
+            tracing::info!(code = %e.code, reason = ?e.reason, "login refused: {}", e.message);
+            let mut out = BytesMut::new();
+            protocol::error_response(&mut out, Severity::Fatal, &e.code, &e.message);
+            let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&out)).await;
+            return Ok(());
+        }
+        Err(_) => {
+            shared.metrics.reject(RejectReason::protocol);
+            // Postgres's wording for authentication_timeout (SQLSTATE 57014).
+            let mut out = BytesMut::new();
+            protocol::error_response(
+                &mut out,
+                Severity::Fatal,
+                "57014",
+                "canceling authentication due to timeout",
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&out)).await;
+            return Ok(());
+        }
+    };
+    relay::run(shared.clone(), sock, session).await;
+    Ok(())
+}
+
+/// What login hands to the relay.
+pub struct LoggedIn {
+    pub pool: Pool,
+    pub mode: PoolMode,
+    pub params: ClientParams,
+    pub shared: Arc<ClientShared>,
+    pub key: crate::backend::BackendKey,
+    /// Session mode: the server the client keeps until logout.
+    pub server: Option<crate::pool::Checkout>,
+    pub user: String,
+    pub database: String,
+}
+
+async fn read_startup(sock: &mut TcpStream) -> Result<Option<StartupPacket>, LoginError> {
+    let mut len = [0u8; 4];
+    match sock.read_exact(&mut len).await {
+        Ok(_) => {}
+        // A client that connects and leaves (a TCP health probe) is not an error.
+        Err(_) => return Ok(None),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if !(8..=protocol::MAX_STARTUP_PACKET).contains(&len) {
+        return Err(LoginError::new(
+            "08P01",
+            ProtocolError::StartupLength(len).to_string(),
+            RejectReason::protocol,
+        ));
+    }
+    let mut body = vec![0u8; len - 4];
+    if sock.read_exact(&mut body).await.is_err() {
+        return Ok(None);
+    }
+    protocol::parse_startup(&body)
+        .map(Some)
+        .map_err(|e| LoginError::new("08P01", e.to_string(), RejectReason::protocol))
+}
+
+async fn login(
+    shared: &Arc<Shared>,
+    rt: &Arc<Runtime>,
+    sock: &mut TcpStream,
+    over_limit: bool,
+) -> Result<Option<LoggedIn>, LoginError> {
+    let io_err = |_| {
+        LoginError::new(
+            "08006",
+            "connection lost during login",
+            RejectReason::protocol,
+        )
+    };
+    let mut negotiations = 0;
+    let params = loop {
+        let Some(packet) = read_startup(sock).await? else {
+            return Ok(None);
+        };
+        match packet {
+            StartupPacket::Ssl | StartupPacket::GssEnc => {
+                negotiations += 1;
+                if negotiations > 2 {
+                    return Err(LoginError::new(
+                        "08P01",
+                        "too many encryption negotiation requests",
+                        RejectReason::protocol,
+                    ));
+                }
+                sock.write_all(b"N").await.map_err(io_err)?;
+            }
+            StartupPacket::Cancel { pid, secret } => {
+                if let Some(client) = shared.cancels.lookup(pid, secret) {
+                    client.cancel().await;
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup { params } => break params,
+        }
+    };
+    if over_limit {
+        return Err(LoginError::new(
+            "53300",
+            "sorry, too many clients already",
+            RejectReason::max_clients,
+        ));
+    }
+    if shared.shutdown.refuse_new_clients() {
+        return Err(LoginError::new(
+            "57P03",
+            "the database system is shutting down",
+            RejectReason::draining,
+        ));
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        return Err(LoginError::new(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+            RejectReason::protocol,
+        ));
+    };
+    if get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
+        return Err(LoginError::new(
+            "08P01",
+            "replication connections are not supported by tidepool",
+            RejectReason::protocol,
+        ));
+    }
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    let desired = params::desired_settings(&params)
+        .map_err(|m| LoginError::new("22023", m, RejectReason::protocol))?;
+
+    // Unknown database: answer before authentication, as Postgres effectively does.
+    if rt.config.database_entry(&database).is_none() {
+        return Err(LoginError::new(
+            "3D000",
+            format!("database \"{database}\" does not exist"),
+            RejectReason::protocol,
+        ));
+    }
+
+    let client_password = authenticate(rt, sock, &user).await?;
+
+    let pool = shared
+        .pool_for(rt, &database, &user, client_password.as_deref())
+        .map_err(|m| LoginError::new("3D000", m, RejectReason::protocol))?;
+    let settings = pool.settings();
+
+    // Borrow a server: proves the upstream works and gives the real parameter values.
+    let mut server = match pool.checkout().await {
+        Ok(s) => s,
+        Err(e) => {
+            let (code, message) = checkout_error_for_client(&e);
+            shared.forget_pool_if_unused(&pool);
+            return Err(LoginError::new(code, message, RejectReason::protocol));
+        }
+    };
+    let baseline = pool.baseline();
+    let mut client_params = ClientParams::initial(baseline.as_deref(), &server.params, desired);
+    if let Err((code, message)) = params::sync(
+        &mut server,
+        &mut client_params,
+        rt.config.drain.server_close_timeout,
+    )
+    .await
+    {
+        return Err(LoginError::new(&code, message, RejectReason::protocol));
+    }
+    client_params.adopt_reported(&server.params);
+
+    let cshared = Arc::new(ClientShared::default());
+    let key = match settings.mode {
+        PoolMode::Session => shared
+            .cancels
+            .register(Some(server.key.pid), cshared.clone()),
+        PoolMode::Transaction => shared.cancels.register(None, cshared.clone()),
+    };
+    let mut out = BytesMut::with_capacity(512);
+    protocol::auth_ok(&mut out);
+    for (k, v) in server.params.iter() {
+        let v = client_params.get(k).unwrap_or(v);
+        protocol::parameter_status(&mut out, k, v);
+    }
+    protocol::backend_key_data(&mut out, key.pid, key.secret);
+    protocol::ready_for_query(&mut out, b'I');
+    if let Err(e) = sock.write_all(&out).await {
+        shared.cancels.unregister(key);
+        return Err(io_err(e));
+    }
+    let server = match settings.mode {
+        PoolMode::Session => {
+            server.set_reset_on_return(true);
+            cshared.hold(server.addr, server.key);
+            Some(server)
+        }
+        PoolMode::Transaction => {
+            drop(server);
+            None
+        }
+    };
+    tracing::info!(%user, %database, mode = settings.mode.as_str(), "client logged in");
+    Ok(Some(LoggedIn {
+        pool,
+        mode: settings.mode,
+        params: client_params,
+        shared: cshared,
+        key,
+        server,
+        user,
+        database,
+    }))
+}
+
+/// The FATAL a client gets when no server could be had at login.
+pub fn checkout_error_for_client(e: &CheckoutError) -> (&'static str, String) {
+    match e {
+        CheckoutError::Timeout(d) => (
+            "53300",
+            format!("tidepool: no server connection available within checkout_timeout ({d:?})"),
+        ),
+        CheckoutError::TooManyWaiting => (
+            "53300",
+            "tidepool: too many clients waiting for a server connection".to_string(),
+        ),
+        CheckoutError::Closed => ("57P03", "the database system is shutting down".to_string()),
+        CheckoutError::Connect(be) => {
+            let code = match be.sqlstate() {
+                "3D000" => "3D000",
+                "28P01" => "28P01",
+                "28000" => "28000",
+                "53300" => "53300",
+                "57P03" => "57P03",
+                _ => "08006",
+            };
+            (code, format!("tidepool: server login failed: {be}"))
+        }
+    }
+}
+
+/// Run the configured authentication; returns the client's plaintext password when tidepool
+/// knows it (for logging in to the server as the same user).
+async fn authenticate(
+    rt: &Runtime,
+    sock: &mut TcpStream,
+    user: &str,
+) -> Result<Option<String>, LoginError> {
+    let failed = || {
+        LoginError::new(
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+            RejectReason::auth,
+        )
+    };
+    let entry = rt.users.get(user);
+    match rt.config.auth.method {
+        AuthMethod::Trust => {
+            if !rt.users.is_empty() && entry.is_none() {
+                return Err(LoginError::new(
+                    "28000",
+                    format!("role \"{user}\" is not permitted to log in through tidepool"),
+                    RejectReason::auth,
+                ));
+            }
+            Ok(entry.and_then(|e| e.secret.plaintext().map(str::to_string)))
+        }
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            let mut out = BytesMut::new();
+            protocol::auth_md5(&mut out, salt);
+            sock.write_all(&out).await.map_err(|_| failed())?;
+            let body = read_password_message(sock).await?;
+            let response = body.strip_suffix(&[0]).unwrap_or(&body);
+            match entry {
+                Some(e) if md5_verify(&e.secret, user, salt, response) => {
+                    Ok(e.secret.plaintext().map(str::to_string))
+                }
+                _ => Err(failed()),
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let mut exchange = match entry.and_then(|e| ScramServer::new(&e.scram_secret)) {
+                Some(s) => s,
+                None => ScramServer::mock(user),
+            };
+            let mut out = BytesMut::new();
+            protocol::auth_sasl(&mut out);
+            sock.write_all(&out).await.map_err(|_| failed())?;
+            let body = read_password_message(sock).await?;
+            // SASLInitialResponse: mechanism (cstring), Int32 length, data.
+            let nul = body.iter().position(|&b| b == 0).ok_or_else(|| {
+                LoginError::new(
+                    "08P01",
+                    "malformed SASLInitialResponse",
+                    RejectReason::protocol,
+                )
+            })?;
+            if &body[..nul] != b"SCRAM-SHA-256" {
+                return Err(LoginError::new(
+                    "28000",
+                    "client selected an invalid SASL authentication mechanism",
+                    RejectReason::auth,
+                ));
+            }
+            let rest = &body[nul + 1..];
+            if rest.len() < 4 {
+                return Err(LoginError::new(
+                    "08P01",
+                    "malformed SASLInitialResponse",
+                    RejectReason::protocol,
+                ));
+            }
+            let data = &rest[4..];
+            let first = exchange.client_first(data).map_err(|e| {
+                tracing::debug!(error = %e, "SCRAM client-first rejected");
+                failed()
+            })?;
+            out.clear();
+            protocol::auth_sasl_continue(&mut out, &first);
+            sock.write_all(&out).await.map_err(|_| failed())?;
+            let body = read_password_message(sock).await?;
+            let last = exchange.client_final(&body).map_err(|e| {
+                tracing::debug!(error = %e, "SCRAM client-final rejected");
+                failed()
+            })?;
+            out.clear();
+            protocol::auth_sasl_final(&mut out, &last);
+            sock.write_all(&out).await.map_err(|_| failed())?;
+            Ok(entry.and_then(|e| e.secret.plaintext().map(str::to_string)))
+        }
+    }
+}
+
+/// Read a PasswordMessage / SASL response ('p') during login.
+async fn read_password_message(sock: &mut TcpStream) -> Result<Vec<u8>, LoginError> {
+    let lost = || {
+        LoginError::new(
+            "08006",
+            "connection lost during authentication",
+            RejectReason::auth,
+        )
+    };
+    let mut head = [0u8; 5];
+    sock.read_exact(&mut head).await.map_err(|_| lost())?;
+    if head[0] != b'p' {
+        return Err(LoginError::new(
+            "08P01",
+            format!("expected password response, got message type {}", head[0]),
+            RejectReason::protocol,
+        ));
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if !(4..=protocol::MAX_STARTUP_PACKET).contains(&len) {
+        return Err(LoginError::new(
+            "08P01",
+            "invalid password packet size",
+            RejectReason::protocol,
+        ));
+    }
+    let mut body = vec![0u8; len - 4];
+    sock.read_exact(&mut body).await.map_err(|_| lost())?;
+    Ok(body)
+}

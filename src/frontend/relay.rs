@@ -1,0 +1,581 @@
+//! The relay: moves bytes between a client and the server it holds, parsing only message
+//! headers, and decides when a server goes back to the pool.
+//!
+//! One buffer per direction. Each loop iteration runs one step per direction concurrently: if
+//! the direction has framed bytes waiting, write them; else read more. So a peer that stops
+//! reading stalls only its own direction (as on a direct connection) and each write carries
+//! every complete message read so far (batched writes, no allocation per message).
+//!
+//! Transaction mode releases the server on ReadyForQuery with status `I` when no request is
+//! outstanding (every Query, Sync and FunctionCall sent has been answered), nothing of the
+//! client's is half-sent and every byte from the server has been framed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::PoolMode;
+use crate::frontend::params;
+use crate::frontend::LoggedIn;
+use crate::metrics::PoolMetrics;
+use crate::pool::Checkout;
+use crate::protocol::{self, Severity};
+use crate::server::Shared;
+
+/// Stop reading a direction once this much is buffered (backpressure).
+const BUF_LIMIT: usize = 256 * 1024;
+/// Read granularity.
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest server message tidepool inspects whole (ParameterStatus, ReadyForQuery).
+const MAX_INSPECTED: usize = 64 * 1024;
+
+/// Postgres's wording for a terminated session (SQLSTATE 57P01, admin_shutdown).
+pub const ADMIN_SHUTDOWN: &str = "terminating connection due to administrator command";
+
+/// Why a session ended.
+#[derive(Debug)]
+enum Exit {
+    /// EOF, reset or Terminate from the client.
+    ClientGone,
+    /// The client broke the protocol.
+    Protocol(String),
+    /// The server connection died under the client.
+    ServerLost { server_said_error: bool },
+    /// No server could be had for the client's next request.
+    Checkout(String, String),
+    /// Drain: closed at a transaction boundary or forced.
+    Shutdown,
+    /// Parameter sync failed on a new server.
+    Sync(String, String),
+}
+
+enum Ev {
+    ClientRead(std::io::Result<usize>),
+    ServerWrote(std::io::Result<usize>),
+    ServerRead(std::io::Result<usize>),
+    ClientWrote(std::io::Result<usize>),
+    Boundary,
+    Force,
+    ForceDeadline,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    login: LoggedIn,
+    metrics: PoolMetrics,
+    server: Option<Checkout>,
+    /// Client → server bytes; `[..c_ready]` is framed and may be written.
+    cbuf: BytesMut,
+    c_ready: usize,
+    /// Bytes of the current client message not yet received (streamed message).
+    c_rem: usize,
+    c_tag: u8,
+    /// Server → client bytes; `[..s_ready]` is framed and may be written.
+    sbuf: BytesMut,
+    s_ready: usize,
+    s_rem: usize,
+    /// Tag of the last server message framed.
+    s_last_tag: u8,
+    max_msg: usize,
+    /// Close the client at its next transaction boundary (SIGINT drain).
+    close_at_boundary: bool,
+    /// Forced close in progress: give up waiting for the server at this instant.
+    force_deadline: Option<tokio::time::Instant>,
+}
+
+/// Relay a logged-in client until it leaves, then settle its server and cancel key.
+pub async fn run(shared: Arc<Shared>, mut client: TcpStream, login: LoggedIn) {
+    let metrics = login.pool.inner.metrics.clone();
+    let max_msg = shared.runtime().config.listen.max_message_size;
+    let gauges = shared.metrics.client_gauges.clone();
+    let holds = login.server.is_some();
+    if holds {
+        gauges.active.inc();
+    } else {
+        gauges.idle.inc();
+    }
+    let mut s = Session {
+        shared: shared.clone(),
+        server: None,
+        login,
+        metrics,
+        cbuf: BytesMut::new(),
+        c_ready: 0,
+        c_rem: 0,
+        c_tag: 0,
+        sbuf: BytesMut::new(),
+        s_ready: 0,
+        s_rem: 0,
+        s_last_tag: 0,
+        max_msg,
+        close_at_boundary: false,
+        force_deadline: None,
+    };
+    s.server = s.login.server.take();
+    let exit = s.relay(&mut client).await;
+    tracing::debug!(?exit, "client session ended");
+    s.finish(&mut client, exit).await;
+    if s.server.is_some() {
+        gauges.active.dec();
+    } else {
+        gauges.idle.dec();
+    }
+    s.hand_off().await;
+    shared.cancels.unregister(s.login.key);
+    tracing::info!(user = %s.login.user, database = %s.login.database, "client disconnected");
+}
+
+impl Session {
+    async fn relay(&mut self, client: &mut TcpStream) -> Exit {
+        let boundary = self.shared.shutdown.boundary_token();
+        let force = self.shared.shutdown.force_token();
+        let mut boundary_seen = false;
+        let mut force_seen = false;
+        loop {
+            if self.shared.take_test_panic() && self.server.is_some() {
+                panic!("test hook: session task panics while holding a server");
+            }
+            // Closing: leave as soon as the client is at a transaction boundary.
+            if (self.close_at_boundary || self.force_deadline.is_some()) && self.at_boundary() {
+                return Exit::Shutdown;
+            }
+            if let Some(d) = self.force_deadline {
+                if tokio::time::Instant::now() >= d {
+                    return Exit::Shutdown;
+                }
+            }
+            if self.server.is_none() && !self.cbuf.is_empty() && self.force_deadline.is_none() {
+                let tag = self.cbuf[0];
+                if tag == b'X' {
+                    return Exit::ClientGone;
+                }
+                if !protocol::is_frontend_tag(tag) {
+                    return Exit::Protocol(format!("invalid frontend message type {tag}"));
+                }
+                if let Some(exit) = self.acquire(client).await {
+                    return exit;
+                }
+            }
+            if self.server.is_some() {
+                match self.scan_client() {
+                    Ok(true) => {}
+                    Ok(false) => return Exit::ClientGone,
+                    Err(e) => return Exit::Protocol(e),
+                }
+            }
+
+            let ev = {
+                let (mut cr, mut cw) = client.split();
+                let c_ready = self.c_ready;
+                let s_ready = self.s_ready;
+                let reading_client = self.force_deadline.is_none() && self.cbuf.len() < BUF_LIMIT;
+                let server = self.server.as_mut().map(|s| s.stream().split());
+                let (sr, sw) = match server {
+                    Some((r, w)) => (Some(r), Some(w)),
+                    None => (None, None),
+                };
+                let cbuf = &mut self.cbuf;
+                let sbuf = &mut self.sbuf;
+                let s_need = self.s_rem == 0 && sbuf.len() > s_ready;
+                let c2s = async {
+                    match sw {
+                        Some(mut sw) if c_ready > 0 => {
+                            Ev::ServerWrote(sw.write(&cbuf[..c_ready]).await)
+                        }
+                        _ if reading_client => {
+                            if cbuf.capacity() - cbuf.len() < 1024 {
+                                cbuf.reserve(READ_CHUNK);
+                            }
+                            Ev::ClientRead(cr.read_buf(cbuf).await)
+                        }
+                        _ => std::future::pending().await,
+                    }
+                };
+                let s2c = async {
+                    if s_ready > 0 {
+                        Ev::ClientWrote(cw.write(&sbuf[..s_ready]).await)
+                    } else if let Some(mut sr) = sr {
+                        let _ = s_need;
+                        if sbuf.capacity() - sbuf.len() < 1024 {
+                            sbuf.reserve(READ_CHUNK);
+                        }
+                        Ev::ServerRead(sr.read_buf(sbuf).await)
+                    } else {
+                        std::future::pending().await
+                    }
+                };
+                let deadline = self.force_deadline;
+                tokio::select! {
+                    ev = c2s => ev,
+                    ev = s2c => ev,
+                    _ = boundary.cancelled(), if !boundary_seen => Ev::Boundary,
+                    _ = force.cancelled(), if !force_seen => Ev::Force,
+                    _ = sleep_until_opt(deadline), if deadline.is_some() => Ev::ForceDeadline,
+                }
+            };
+
+            match ev {
+                Ev::ClientRead(Ok(0)) | Ev::ClientRead(Err(_)) => return Exit::ClientGone,
+                Ev::ClientRead(Ok(n)) => {
+                    self.metrics.bytes_received.inc_by(n as u64);
+                }
+                Ev::ServerWrote(Ok(n)) => {
+                    self.cbuf.advance(n);
+                    self.c_ready -= n;
+                }
+                Ev::ServerWrote(Err(_)) => {
+                    self.mark_broken();
+                    return Exit::ServerLost {
+                        server_said_error: false,
+                    };
+                }
+                Ev::ServerRead(Ok(0)) | Ev::ServerRead(Err(_)) => {
+                    // Forward what was framed (e.g. the server's FATAL) before reporting.
+                    let _ = self.scan_server();
+                    self.mark_broken();
+                    return Exit::ServerLost {
+                        server_said_error: self.s_last_tag == b'E',
+                    };
+                }
+                Ev::ServerRead(Ok(_)) => {
+                    if let Err(e) = self.scan_server() {
+                        tracing::warn!(error = %e, "server protocol error");
+                        self.mark_broken();
+                        return Exit::ServerLost {
+                            server_said_error: false,
+                        };
+                    }
+                    if self.releasable() {
+                        self.release().await;
+                    }
+                }
+                Ev::ClientWrote(Ok(n)) => {
+                    self.metrics.bytes_sent.inc_by(n as u64);
+                    self.sbuf.advance(n);
+                    self.s_ready -= n;
+                }
+                Ev::ClientWrote(Err(_)) => return Exit::ClientGone,
+                Ev::Boundary => {
+                    boundary_seen = true;
+                    self.close_at_boundary = true;
+                }
+                Ev::Force => {
+                    force_seen = true;
+                    boundary_seen = true;
+                    self.start_force().await;
+                }
+                Ev::ForceDeadline => return Exit::Shutdown,
+            }
+        }
+    }
+
+    /// True when closing now cannot cut a transaction or a message in half.
+    fn at_boundary(&self) -> bool {
+        let server_idle = self.server.as_ref().is_none_or(|s| s.is_clean());
+        server_idle && self.c_rem == 0 && self.s_rem == 0 && self.s_ready == self.sbuf.len()
+    }
+
+    /// Forced close: cancel the running query, then give the server `server_close_timeout` to
+    /// answer (so an acknowledged COMMIT still reaches the client) before closing.
+    async fn start_force(&mut self) {
+        let timeout = self.shared.runtime().config.drain.server_close_timeout;
+        self.force_deadline = Some(tokio::time::Instant::now() + timeout);
+        if let Some(s) = self.server.as_ref() {
+            if s.state.expected_rfq > 0 {
+                let cs = self.login.shared.clone();
+                // Deliver the cancel concurrently: the relay must keep reading the answer.
+                self.shared.tracker.spawn(async move { cs.cancel().await });
+            }
+        }
+    }
+
+    fn mark_broken(&mut self) {
+        if let Some(s) = self.server.as_mut() {
+            s.state.broken = true;
+        }
+    }
+
+    /// Borrow a server for the client's next request (transaction mode), keeping an eye on the
+    /// client meanwhile. Returns an exit if the session must end.
+    async fn acquire(&mut self, client: &mut TcpStream) -> Option<Exit> {
+        // Flush what the client has not been sent yet; it is small and the client is reading.
+        if self.s_ready > 0 {
+            if client.write_all(&self.sbuf[..self.s_ready]).await.is_err() {
+                return Some(Exit::ClientGone);
+            }
+            self.metrics.bytes_sent.inc_by(self.s_ready as u64);
+            self.sbuf.advance(self.s_ready);
+            self.s_ready = 0;
+        }
+        let gauges = &self.shared.metrics.client_gauges;
+        gauges.idle.dec();
+        gauges.waiting.inc();
+        let result = {
+            let checkout = self.login.pool.checkout();
+            tokio::pin!(checkout);
+            loop {
+                let room = self.cbuf.len() < BUF_LIMIT;
+                if self.cbuf.capacity() - self.cbuf.len() < 1024 {
+                    self.cbuf.reserve(READ_CHUNK);
+                }
+                tokio::select! {
+                    r = &mut checkout => break Ok(r),
+                    r = client.read_buf(&mut self.cbuf), if room => match r {
+                        Ok(0) | Err(_) => break Err(Exit::ClientGone),
+                        Ok(n) => {
+                            self.metrics.bytes_received.inc_by(n as u64);
+                        }
+                    },
+                }
+            }
+        };
+        gauges.waiting.dec();
+        let mut server = match result {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                gauges.idle.inc();
+                let (code, msg) = super::checkout_error_for_client(&e);
+                return Some(Exit::Checkout(code.to_string(), msg));
+            }
+            Err(exit) => {
+                gauges.idle.inc();
+                return Some(exit);
+            }
+        };
+        gauges.active.inc();
+        let timeout = self.shared.runtime().config.drain.server_close_timeout;
+        if let Err((code, msg)) = params::sync(&mut server, &mut self.login.params, timeout).await {
+            self.server = Some(server);
+            return Some(Exit::Sync(code, msg));
+        }
+        self.login.shared.hold(server.addr, server.key);
+        self.server = Some(server);
+        None
+    }
+
+    /// Return the server after a transaction (transaction mode).
+    async fn release(&mut self) {
+        let Some(server) = self.server.take() else {
+            return;
+        };
+        self.login.shared.release().await;
+        self.metrics.transactions.inc();
+        self.metrics
+            .transaction_duration
+            .observe(server.since.elapsed());
+        let gauges = &self.shared.metrics.client_gauges;
+        gauges.active.dec();
+        gauges.idle.inc();
+        drop(server);
+    }
+
+    fn releasable(&self) -> bool {
+        self.login.mode == PoolMode::Transaction
+            && self.server.as_ref().is_some_and(|s| s.is_clean())
+            && self.c_ready == 0
+            && self.c_rem == 0
+            && self.s_rem == 0
+            && self.sbuf.len() == self.s_ready
+    }
+
+    /// Frame client bytes from `c_ready` on; update the server's protocol state. Returns
+    /// Ok(false) on Terminate.
+    fn scan_client(&mut self) -> Result<bool, String> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(true);
+        };
+        let st = &mut server.state;
+        loop {
+            let avail = self.cbuf.len() - self.c_ready;
+            if self.c_rem > 0 {
+                let n = self.c_rem.min(avail);
+                self.c_ready += n;
+                self.c_rem -= n;
+                if self.c_rem > 0 {
+                    return Ok(true);
+                }
+                continue;
+            }
+            let h = match protocol::header(&self.cbuf[self.c_ready..], self.max_msg) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(true),
+                Err(e) => return Err(e.to_string()),
+            };
+            match h.tag {
+                b'Q' => {
+                    st.expected_rfq += 1;
+                    self.metrics.queries.inc();
+                }
+                b'S' => {
+                    st.expected_rfq += 1;
+                    st.in_extended = false;
+                    self.metrics.queries.inc();
+                }
+                b'F' => st.expected_rfq += 1,
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => st.in_extended = true,
+                b'd' => {}
+                b'c' | b'f' => st.copy_in = false,
+                b'X' => {
+                    // Terminate is never forwarded: the server stays ours to reuse or close.
+                    self.cbuf.truncate(self.c_ready);
+                    return Ok(false);
+                }
+                b'p' => {}
+                t => return Err(format!("invalid frontend message type {t}")),
+            }
+            self.c_tag = h.tag;
+            let n = h.total.min(avail);
+            self.c_ready += n;
+            self.c_rem = h.total - n;
+            if self.c_rem > 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Frame server bytes from `s_ready` on, tracking ReadyForQuery, COPY and ParameterStatus.
+    fn scan_server(&mut self) -> Result<(), String> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            let avail = self.sbuf.len() - self.s_ready;
+            if self.s_rem > 0 {
+                let n = self.s_rem.min(avail);
+                self.s_ready += n;
+                self.s_rem -= n;
+                if self.s_rem > 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            let h = match protocol::header(&self.sbuf[self.s_ready..], usize::MAX) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            };
+            let st = &mut server.state;
+            match h.tag {
+                b'Z' | b'S' => {
+                    if h.total > MAX_INSPECTED {
+                        return Err(format!("oversized message '{}'", h.tag as char));
+                    }
+                    if avail < h.total {
+                        self.sbuf.reserve(h.total - avail);
+                        return Ok(());
+                    }
+                    let body = &self.sbuf[self.s_ready + 5..self.s_ready + h.total];
+                    if h.tag == b'Z' {
+                        st.expected_rfq = st.expected_rfq.saturating_sub(1);
+                        st.txn_status = body.first().copied().unwrap_or(b'I');
+                        st.copy_in = false;
+                        st.copy_out = false;
+                    } else if let Some((k, v)) = protocol::parse_parameter_status(body) {
+                        server.params.set(k, v);
+                        self.login.params.observe(k, v);
+                    }
+                }
+                b'G' => st.copy_in = true,
+                b'H' => st.copy_out = true,
+                b'W' => {
+                    st.copy_in = true;
+                    st.copy_out = true;
+                }
+                b'c' => st.copy_out = false,
+                b'E' => {
+                    st.copy_out = false;
+                }
+                _ => {}
+            }
+            self.s_last_tag = h.tag;
+            let n = h.total.min(avail);
+            self.s_ready += n;
+            self.s_rem = h.total - n;
+            if self.s_rem > 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Tell the client why the session ends, after everything it is owed.
+    async fn finish(&mut self, client: &mut TcpStream, exit: Exit) {
+        let mut out = BytesMut::new();
+        match &exit {
+            Exit::ClientGone => return,
+            Exit::Protocol(m) => protocol::error_response(&mut out, Severity::Fatal, "08P01", m),
+            Exit::ServerLost { server_said_error } => {
+                if !server_said_error {
+                    protocol::error_response(
+                        &mut out,
+                        Severity::Fatal,
+                        "08006",
+                        "tidepool: server connection lost",
+                    );
+                }
+            }
+            Exit::Checkout(code, m) | Exit::Sync(code, m) => {
+                protocol::error_response(&mut out, Severity::Fatal, code, m)
+            }
+            Exit::Shutdown => {
+                protocol::error_response(&mut out, Severity::Fatal, "57P01", ADMIN_SHUTDOWN)
+            }
+        }
+        if matches!(exit, Exit::Protocol(_)) {
+            self.shared
+                .metrics
+                .reject(crate::metrics::RejectReason::protocol);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            // Complete messages the client is owed (an acknowledged COMMIT) go first.
+            if self.s_ready > 0 {
+                client.write_all(&self.sbuf[..self.s_ready]).await?;
+                self.sbuf.advance(self.s_ready);
+                self.s_ready = 0;
+            }
+            if self.s_rem == 0 && self.sbuf.is_empty() {
+                client.write_all(&out).await?;
+            }
+            client.flush().await
+        })
+        .await;
+    }
+
+    /// Give the server back: clean ones to the idle list, anything else to the closer along
+    /// with the client bytes it had framed but not written.
+    async fn hand_off(&mut self) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        self.login.shared.release().await;
+        if self.c_ready > 0 {
+            server.pending = Some(self.cbuf.split_to(self.c_ready));
+            self.c_ready = 0;
+        }
+        if self.c_rem > 0 {
+            server.state.partial_to_server = Some((self.c_tag, self.c_rem));
+        }
+        if self.s_rem > 0 || self.sbuf.len() > self.s_ready {
+            // Unframed server bytes are lost with the client; the stream position is unknown.
+            if self.s_rem > 0 {
+                server.state.broken = true;
+            }
+        }
+        if self.login.mode == PoolMode::Transaction {
+            self.metrics.transactions.inc();
+            self.metrics
+                .transaction_duration
+                .observe(server.since.elapsed());
+        }
+        drop(server);
+    }
+}
+
+async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
+    match d {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,574 @@
+//! Prometheus metrics (DESIGN.md section 5), kept in one registry.
+//!
+//! Hot-path counting is lock-free: each pool resolves its own labelled handles once, when it is
+//! created ([`PoolMetrics`]), and from then on only touches atomics. Histograms are our own
+//! [`AtomicHistogram`] because prometheus-client's histogram takes a lock per observation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+/// Why a server connection was closed (`reason` label of `tidepool_server_connections_closed_total`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CloseReason {
+    drain,
+    idle_timeout,
+    lifetime,
+    error,
+    reset_failed,
+    reload,
+    forced,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::drain,
+        CloseReason::idle_timeout,
+        CloseReason::lifetime,
+        CloseReason::error,
+        CloseReason::reset_failed,
+        CloseReason::reload,
+        CloseReason::forced,
+    ];
+}
+
+/// `state` label of `tidepool_server_connections`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ServerState {
+    idle,
+    active,
+    closing,
+}
+
+/// `state` label of `tidepool_client_connections`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ClientState {
+    active,
+    idle,
+    waiting,
+}
+
+/// `reason` label of `tidepool_client_connections_rejected_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RejectReason {
+    max_clients,
+    auth,
+    draining,
+    protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolReasonLabel {
+    pub pool: String,
+    pub reason: CloseReason,
+}
+
+/// `outcome` label of `tidepool_server_shutdowns_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ShutdownOutcomeLabel {
+    clean,
+    hard,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolOutcomeLabel {
+    pub pool: String,
+    pub outcome: ShutdownOutcomeLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolStateLabel {
+    pub pool: String,
+    pub state: ServerState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientStateLabel {
+    pub state: ClientState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabel {
+    pub reason: RejectReason,
+}
+
+/// A histogram whose observation is a handful of relaxed atomic adds.
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram {
+    inner: Arc<HistInner>,
+}
+
+#[derive(Debug)]
+struct HistInner {
+    /// Upper bounds in seconds; the last bucket (+Inf) is implicit.
+    bounds: Vec<f64>,
+    /// Same bounds in nanoseconds, for the comparison on the hot path.
+    bounds_ns: Vec<u64>,
+    counts: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub fn new(bounds: &[f64]) -> Self {
+        let bounds = bounds.to_vec();
+        let bounds_ns = bounds.iter().map(|b| (b * 1e9) as u64).collect();
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        AtomicHistogram {
+            inner: Arc::new(HistInner {
+                bounds,
+                bounds_ns,
+                counts,
+                sum_ns: AtomicU64::new(0),
+                count: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Latency buckets from 100 µs to 60 s.
+    pub fn latency() -> Self {
+        Self::new(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0, 60.0,
+        ])
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = self.inner.bounds_ns.partition_point(|&b| b < ns);
+        self.inner.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.inner.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = Vec::with_capacity(self.inner.counts.len());
+        let mut total = 0;
+        for (i, c) in self.inner.counts.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            total += n;
+            let bound = self.inner.bounds.get(i).copied().unwrap_or(f64::MAX);
+            buckets.push((bound, n));
+        }
+        let sum = self.inner.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, total, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+fn new_latency_histogram() -> AtomicHistogram {
+    AtomicHistogram::latency()
+}
+
+/// A family member's handle. The read guard `get_or_create` returns must be dropped before the
+/// next `get_or_create` on the same family (which may take the write lock), so never hold two.
+fn handle<S, M, C>(family: &Family<S, M, C>, labels: &S) -> M
+where
+    S: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    family.get_or_create(labels).clone()
+}
+
+/// Every metric family of the process.
+pub struct Metrics {
+    pub registry: Registry,
+    pub leaked: Family<PoolLabel, Counter>,
+    pub server_conns: Family<PoolStateLabel, Gauge>,
+    pub opened: Family<PoolLabel, Counter>,
+    pub closed: Family<PoolReasonLabel, Counter>,
+    pub clients: Family<ClientStateLabel, Gauge>,
+    pub rejected: Family<RejectLabel, Counter>,
+    pub checkout_wait: Family<PoolLabel, AtomicHistogram, fn() -> AtomicHistogram>,
+    pub checkout_timeouts: Family<PoolLabel, Counter>,
+    pub transactions: Family<PoolLabel, Counter>,
+    pub transaction_duration: Family<PoolLabel, AtomicHistogram, fn() -> AtomicHistogram>,
+    pub queries: Family<PoolLabel, Counter>,
+    pub bytes_received: Family<PoolLabel, Counter>,
+    pub bytes_sent: Family<PoolLabel, Counter>,
+    pub shutdowns: Family<PoolOutcomeLabel, Counter>,
+    pub draining: Gauge,
+    pub client_gauges: ClientGauges,
+}
+
+/// Client-state gauges, resolved once.
+#[derive(Clone)]
+pub struct ClientGauges {
+    pub active: Gauge,
+    pub idle: Gauge,
+    pub waiting: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let leaked = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "tidepool_server_connections_leaked",
+            "Server connections dropped without an explicit shutdown (should stay 0)",
+            leaked.clone(),
+        );
+        let server_conns = Family::<PoolStateLabel, Gauge>::default();
+        registry.register(
+            "tidepool_server_connections",
+            "Server connections by state",
+            server_conns.clone(),
+        );
+        let opened = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "tidepool_server_connections_opened",
+            "Server connections opened",
+            opened.clone(),
+        );
+        let closed = Family::<PoolReasonLabel, Counter>::default();
+        registry.register(
+            "tidepool_server_connections_closed",
+            "Server connections closed, by reason",
+            closed.clone(),
+        );
+        let clients = Family::<ClientStateLabel, Gauge>::default();
+        registry.register(
+            "tidepool_client_connections",
+            "Client connections by state",
+            clients.clone(),
+        );
+        let rejected = Family::<RejectLabel, Counter>::default();
+        registry.register(
+            "tidepool_client_connections_rejected",
+            "Client connections rejected, by reason",
+            rejected.clone(),
+        );
+        let checkout_wait =
+            Family::<PoolLabel, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
+                new_latency_histogram,
+            );
+        registry.register(
+            "tidepool_checkout_wait_seconds",
+            "Time a client waited for a server connection",
+            checkout_wait.clone(),
+        );
+        let checkout_timeouts = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "tidepool_checkout_timeouts",
+            "Checkouts that ended in checkout_timeout",
+            checkout_timeouts.clone(),
+        );
+        let transactions = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "tidepool_transactions",
+            "Transactions (server checkouts in transaction mode, sessions in session mode)",
+            transactions.clone(),
+        );
+        let transaction_duration =
+            Family::<PoolLabel, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
+                new_latency_histogram,
+            );
+        registry.register(
+            "tidepool_transaction_duration_seconds",
+            "How long a client held a server connection",
+            transaction_duration.clone(),
+        );
+        let queries = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "tidepool_queries",
+            "Requests forwarded (simple queries, extended-protocol syncs, function calls)",
+            queries.clone(),
+        );
+        let bytes_received = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "tidepool_client_bytes_received",
+            "Bytes received from clients and forwarded to servers",
+            bytes_received.clone(),
+        );
+        let bytes_sent = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "tidepool_client_bytes_sent",
+            "Bytes received from servers and sent to clients",
+            bytes_sent.clone(),
+        );
+        let shutdowns = Family::<PoolOutcomeLabel, Counter>::default();
+        registry.register(
+            "tidepool_server_shutdowns",
+            "Server connection closes by outcome: clean (Terminate sent, server closed) or hard",
+            shutdowns.clone(),
+        );
+        let draining = Gauge::default();
+        registry.register(
+            "tidepool_draining",
+            "1 while the process drains",
+            draining.clone(),
+        );
+        let client_gauges = ClientGauges {
+            active: handle(
+                &clients,
+                &ClientStateLabel {
+                    state: ClientState::active,
+                },
+            ),
+            idle: handle(
+                &clients,
+                &ClientStateLabel {
+                    state: ClientState::idle,
+                },
+            ),
+            waiting: handle(
+                &clients,
+                &ClientStateLabel {
+                    state: ClientState::waiting,
+                },
+            ),
+        };
+        for reason in [
+            RejectReason::max_clients,
+            RejectReason::auth,
+            RejectReason::draining,
+            RejectReason::protocol,
+        ] {
+            let _ = handle(&rejected, &RejectLabel { reason });
+        }
+        Metrics {
+            registry,
+            leaked,
+            server_conns,
+            opened,
+            closed,
+            clients,
+            rejected,
+            checkout_wait,
+            checkout_timeouts,
+            transactions,
+            transaction_duration,
+            queries,
+            bytes_received,
+            bytes_sent,
+            shutdowns,
+            draining,
+            client_gauges,
+        }
+    }
+
+    /// Resolve the labelled handles of one pool (registers its series at zero).
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        let l = PoolLabel {
+            pool: pool.to_string(),
+        };
+        let st = |state| PoolStateLabel {
+            pool: pool.to_string(),
+            state,
+        };
+        let closed = CloseReason::ALL.map(|reason| {
+            handle(
+                &self.closed,
+                &PoolReasonLabel {
+                    pool: pool.to_string(),
+                    reason,
+                },
+            )
+        });
+        PoolMetrics {
+            leaked: handle(&self.leaked, &l),
+            idle: handle(&self.server_conns, &st(ServerState::idle)),
+            active: handle(&self.server_conns, &st(ServerState::active)),
+            closing: handle(&self.server_conns, &st(ServerState::closing)),
+            opened: handle(&self.opened, &l),
+            closed,
+            checkout_wait: handle(&self.checkout_wait, &l),
+            checkout_timeouts: handle(&self.checkout_timeouts, &l),
+            transactions: handle(&self.transactions, &l),
+            transaction_duration: handle(&self.transaction_duration, &l),
+            queries: handle(&self.queries, &l),
+            bytes_received: handle(&self.bytes_received, &l),
+            bytes_sent: handle(&self.bytes_sent, &l),
+            shutdown_clean: handle(
+                &self.shutdowns,
+                &PoolOutcomeLabel {
+                    pool: pool.to_string(),
+                    outcome: ShutdownOutcomeLabel::clean,
+                },
+            ),
+            shutdown_hard: handle(
+                &self.shutdowns,
+                &PoolOutcomeLabel {
+                    pool: pool.to_string(),
+                    outcome: ShutdownOutcomeLabel::hard,
+                },
+            ),
+        }
+    }
+
+    pub fn reject(&self, reason: RejectReason) {
+        handle(&self.rejected, &RejectLabel { reason }).inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Sum of the leak counter over every pool.
+    pub fn leaked_total(&self) -> u64 {
+        self.total("tidepool_server_connections_leaked_total")
+    }
+
+    /// Sum of every sample of one series name (the drain report, tests).
+    pub fn total(&self, name: &str) -> u64 {
+        sum_series(&self.encode(), name)
+    }
+
+    /// Server shutdowns so far: (clean, hard).
+    pub fn shutdown_totals(&self) -> (u64, u64) {
+        let text = self.encode();
+        let mut clean = 0;
+        let mut hard = 0;
+        for l in text
+            .lines()
+            .filter(|l| l.starts_with("tidepool_server_shutdowns_total{"))
+        {
+            let v = l
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+            if l.contains("outcome=\"clean\"") {
+                clean += v;
+            } else {
+                hard += v;
+            }
+        }
+        (clean, hard)
+    }
+}
+
+/// Sum every sample of `name` in a text exposition (tests and the drain report use it).
+pub fn sum_series(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// One pool's labelled metric handles. Cloning shares the underlying atomics.
+#[derive(Clone, Debug)]
+pub struct PoolMetrics {
+    pub leaked: Counter,
+    pub idle: Gauge,
+    pub active: Gauge,
+    pub closing: Gauge,
+    pub opened: Counter,
+    pub closed: [Counter; 7],
+    pub checkout_wait: AtomicHistogram,
+    pub checkout_timeouts: Counter,
+    pub transactions: Counter,
+    pub transaction_duration: AtomicHistogram,
+    pub queries: Counter,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+    pub shutdown_clean: Counter,
+    pub shutdown_hard: Counter,
+}
+
+impl PoolMetrics {
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[reason as usize]
+    }
+
+    /// Handles not registered anywhere (unit tests).
+    pub fn detached() -> Self {
+        Metrics::new().pool("test")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_series_exist_at_zero_and_count() {
+        let m = Metrics::new();
+        let p = m.pool("app/app");
+        p.leaked.inc();
+        p.closed(CloseReason::lifetime).inc();
+        p.transaction_duration.observe(Duration::from_millis(3));
+        let text = m.encode();
+        assert!(
+            text.contains("tidepool_server_connections_leaked_total{pool=\"app/app\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("reason=\"lifetime\"} 1"), "{text}");
+        assert!(text.contains("reason=\"drain\"} 0"), "{text}");
+        assert!(
+            text.contains("tidepool_transaction_duration_seconds_count{pool=\"app/app\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("state=\"closing\""), "{text}");
+        assert_eq!(m.leaked_total(), 1);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_in_text() {
+        let m = Metrics::new();
+        let p = m.pool("p");
+        p.checkout_wait.observe(Duration::from_micros(50));
+        p.checkout_wait.observe(Duration::from_secs(100));
+        let text = m.encode();
+        assert!(
+            text.contains("tidepool_checkout_wait_seconds_bucket{le=\"0.0001\",pool=\"p\"} 1")
+                || text
+                    .contains("tidepool_checkout_wait_seconds_bucket{pool=\"p\",le=\"0.0001\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("le=\"+Inf\"} 2"), "{text}");
+    }
+}

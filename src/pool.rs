@@ -1,0 +1,649 @@
+//! Pools of server connections: one per (database, user). The idle list, the FIFO wait for a
+//! slot, the RAII checkout guard, the closer task and periodic upkeep.
+//!
+//! Bookkeeping is synchronous: a [`Checkout`]'s `Drop` either parks a clean connection on the
+//! idle list or hands it, with its slot, to the closer task by a non-blocking channel send. If
+//! that hand-off never runs (the runtime is going away), dropping the queued job releases the
+//! slot, so the pool cannot wedge (the lesson of sqlx issue #1396).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::backend::{self, BackendError, Params, ServerConn, ServerTarget, ShutdownOutcome};
+use crate::config::PoolSettings;
+use crate::metrics::{CloseReason, PoolMetrics};
+
+/// Why a checkout failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no server connection available within checkout_timeout ({0:?})")]
+    Timeout(Duration),
+    #[error("too many clients waiting for a server connection")]
+    TooManyWaiting,
+    #[error("the pool is closed")]
+    Closed,
+    #[error(transparent)]
+    Connect(#[from] BackendError),
+}
+
+/// Work for the closer task.
+pub struct CloseJob {
+    conn: ServerConn,
+    /// The pool slot stays taken until the job is done, so the size bound holds.
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<PoolInner>,
+    kind: CloseKind,
+}
+
+enum CloseKind {
+    /// Try to bring it back to idle (and run the reset query, in session mode).
+    Recover {
+        reset: bool,
+    },
+    Close(CloseReason),
+}
+
+/// The closer: receives connections to recover or shut down, and runs each job as a task on
+/// the process's tracker so the drain can wait for every one of them.
+#[derive(Clone)]
+pub struct Closer {
+    tx: mpsc::UnboundedSender<CloseJob>,
+}
+
+impl Closer {
+    /// Start the closer task on `tracker`.
+    pub fn start(tracker: &TaskTracker) -> Closer {
+        let (tx, mut rx) = mpsc::unbounded_channel::<CloseJob>();
+        let t = tracker.clone();
+        tracker.spawn(async move {
+            while let Some(job) = rx.recv().await {
+                t.spawn(run_job(job));
+            }
+        });
+        Closer { tx }
+    }
+
+    fn send(&self, job: CloseJob) {
+        // On failure the job (connection and permit) is dropped right here: the permit is
+        // released, and the connection's Drop reports the leak.
+        let _ = self.tx.send(job);
+    }
+}
+
+async fn run_job(job: CloseJob) {
+    let CloseJob {
+        mut conn,
+        permit,
+        pool,
+        kind,
+    } = job;
+    let timeout = pool.server_close_timeout;
+    let reason = match kind {
+        CloseKind::Close(r) => r,
+        CloseKind::Recover { reset } => {
+            let mut reason = CloseReason::error;
+            if conn.recover(timeout).await {
+                let settings = pool.settings();
+                if reset && !settings.reset_query.is_empty() {
+                    match conn.exec(&settings.reset_query, timeout).await {
+                        Ok(o) if o.error.is_none() && conn.is_clean() => {
+                            pool.after_reset(&mut conn);
+                            pool.metrics.closing.dec();
+                            pool.return_clean(conn, permit);
+                            return;
+                        }
+                        Ok(o) => {
+                            if let Some((code, msg)) = o.error {
+                                tracing::warn!(pool = %pool.name, %code, %msg, "reset_query failed");
+                            }
+                            reason = CloseReason::reset_failed;
+                        }
+                        Err(_) => reason = CloseReason::reset_failed,
+                    }
+                } else {
+                    pool.metrics.closing.dec();
+                    pool.return_clean(conn, permit);
+                    return;
+                }
+            }
+            reason
+        }
+    };
+    drop(permit);
+    pool.shutdown_conn(conn, reason).await;
+}
+
+/// A pool of server connections for one (database, user).
+pub struct PoolInner {
+    /// Label value: `database/user`.
+    pub name: Arc<str>,
+    target: RwLock<Arc<ServerTarget>>,
+    settings: RwLock<Arc<PoolSettings>>,
+    sem: Arc<Semaphore>,
+    /// The configured size, for resizing on reload.
+    size: AtomicUsize,
+    /// Idle connections, most recently used last.
+    idle: Mutex<VecDeque<ServerConn>>,
+    waiting: AtomicUsize,
+    /// Connections being opened right now (count towards the size through their permit).
+    connecting: AtomicUsize,
+    pub metrics: PoolMetrics,
+    closer: Closer,
+    server_close_timeout: Duration,
+    /// Parameters of a freshly opened connection: what a client that asks for nothing sees.
+    baseline: Mutex<Option<Arc<Params>>>,
+    closed: AtomicBool,
+    /// Bumped when the target changes on reload: older connections are replaced on return.
+    generation: AtomicU64,
+    conn_generation: Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl std::fmt::Debug for PoolInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("name", &self.name).finish()
+    }
+}
+
+/// A cheap, cloneable handle to a pool.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub inner: Arc<PoolInner>,
+}
+
+/// A snapshot for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub mode: &'static str,
+    pub size: usize,
+    pub idle: usize,
+    pub active: usize,
+    pub waiting: usize,
+}
+
+impl Pool {
+    pub fn new(
+        name: &str,
+        target: ServerTarget,
+        settings: PoolSettings,
+        metrics: PoolMetrics,
+        closer: Closer,
+        server_close_timeout: Duration,
+    ) -> Pool {
+        let size = settings.size;
+        Pool {
+            inner: Arc::new(PoolInner {
+                name: Arc::from(name),
+                target: RwLock::new(Arc::new(target)),
+                settings: RwLock::new(Arc::new(settings)),
+                sem: Arc::new(Semaphore::new(size)),
+                size: AtomicUsize::new(size),
+                idle: Mutex::new(VecDeque::new()),
+                waiting: AtomicUsize::new(0),
+                connecting: AtomicUsize::new(0),
+                metrics,
+                closer,
+                server_close_timeout,
+                baseline: Mutex::new(None),
+                closed: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                conn_generation: Mutex::new(Default::default()),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.inner.settings()
+    }
+
+    pub fn target(&self) -> Arc<ServerTarget> {
+        self.inner
+            .target
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Parameters a fresh server connection reports, if one was ever opened.
+    pub fn baseline(&self) -> Option<Arc<Params>> {
+        lock(&self.inner.baseline).clone()
+    }
+
+    /// Take a server connection: an idle one that still looks alive and within its lifetime,
+    /// else a new one, waiting in FIFO order (tokio's semaphore is fair) up to
+    /// `checkout_timeout` for a free slot.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the slot is owned by a permit from the moment it is acquired and the
+    /// connection is wrapped in its guard before the next await; a cancelled connect drops only
+    /// a half-open socket.
+    pub async fn checkout(&self) -> Result<Checkout, CheckoutError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(CheckoutError::Closed);
+        }
+        let settings = inner.settings();
+        let start = Instant::now();
+        let permit = match inner.sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(CheckoutError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                if inner.waiting.load(Ordering::Relaxed) >= settings.max_waiting {
+                    return Err(CheckoutError::TooManyWaiting);
+                }
+                let _w = Counted::new(&inner.waiting);
+                match tokio::time::timeout(
+                    settings.checkout_timeout,
+                    inner.sem.clone().acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(CheckoutError::Closed),
+                    Err(_) => {
+                        inner.metrics.checkout_timeouts.inc();
+                        return Err(CheckoutError::Timeout(settings.checkout_timeout));
+                    }
+                }
+            }
+        };
+        inner.metrics.checkout_wait.observe(start.elapsed());
+        loop {
+            let candidate = lock(&inner.idle).pop_back();
+            let Some(conn) = candidate else { break };
+            inner.metrics.idle.dec();
+            if let Some(reason) = inner.unusable(&conn, &settings) {
+                inner.send_close(conn, reason);
+                continue;
+            }
+            inner.metrics.active.inc();
+            return Ok(Checkout::new(conn, permit, inner.clone()));
+        }
+        let target = self.target();
+        let generation = inner.generation.load(Ordering::Acquire);
+        let _c = Counted::new(&inner.connecting);
+        let conn = backend::connect(
+            &target,
+            inner.name.clone(),
+            inner.metrics.leaked.clone(),
+            settings.connect_timeout,
+        )
+        .await?;
+        inner.metrics.opened.inc();
+        lock(&inner.conn_generation).insert(conn.id, generation);
+        {
+            let mut b = lock(&inner.baseline);
+            if b.is_none() {
+                *b = Some(Arc::new(conn.params.clone()));
+            }
+        }
+        tracing::debug!(conn.id = conn.id, pool = %inner.name, pid = conn.key.pid, "server connection opened");
+        inner.metrics.active.inc();
+        Ok(Checkout::new(conn, permit, inner.clone()))
+    }
+
+    /// Idle, active (checked out) and waiting counts.
+    pub fn status(&self) -> PoolStatus {
+        let s = self.settings();
+        let idle = lock(&self.inner.idle).len();
+        PoolStatus {
+            name: self.inner.name.to_string(),
+            mode: s.mode.as_str(),
+            size: self.inner.size.load(Ordering::Relaxed),
+            idle,
+            active: self.inner.metrics.active.get().max(0) as usize,
+            waiting: self.inner.waiting.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Periodic upkeep: close idle connections past `server_idle_timeout` or `server_lifetime`
+    /// or that the server has closed, and open connections up to `min_idle`.
+    pub async fn maintain(&self) {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let settings = inner.settings();
+        let expired: Vec<(ServerConn, CloseReason)> = {
+            let mut idle = lock(&inner.idle);
+            let mut keep = VecDeque::with_capacity(idle.len());
+            let mut out = Vec::new();
+            while let Some(c) = idle.pop_front() {
+                match inner.unusable(&c, &settings) {
+                    Some(r) => out.push((c, r)),
+                    None => keep.push_back(c),
+                }
+            }
+            *idle = keep;
+            out
+        };
+        for (c, r) in expired {
+            inner.metrics.idle.dec();
+            inner.send_close(c, r);
+        }
+        // min_idle: open connections while the pool has free slots and too few idle ones.
+        loop {
+            let idle_now = lock(&inner.idle).len();
+            if idle_now >= settings.min_idle {
+                break;
+            }
+            let Ok(permit) = inner.sem.clone().try_acquire_owned() else {
+                break;
+            };
+            let target = self.target();
+            let generation = inner.generation.load(Ordering::Acquire);
+            match backend::connect(
+                &target,
+                inner.name.clone(),
+                inner.metrics.leaked.clone(),
+                settings.connect_timeout,
+            )
+            .await
+            {
+                Ok(conn) => {
+                    inner.metrics.opened.inc();
+                    lock(&inner.conn_generation).insert(conn.id, generation);
+                    inner.return_clean(conn, Some(permit));
+                }
+                Err(e) => {
+                    tracing::debug!(pool = %inner.name, error = %e, "min_idle connect failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Apply new settings and target (SIGHUP). The size changes at once for new checkouts;
+    /// connections to a changed target are replaced as they come back.
+    pub fn reconfigure(&self, target: ServerTarget, settings: PoolSettings) {
+        let inner = &self.inner;
+        let new_size = settings.size;
+        {
+            let mut t = inner.target.write().unwrap_or_else(|e| e.into_inner());
+            if **t != target {
+                *t = Arc::new(target);
+                inner.generation.fetch_add(1, Ordering::AcqRel);
+                let idle: Vec<ServerConn> = lock(&inner.idle).drain(..).collect();
+                for c in idle {
+                    inner.metrics.idle.dec();
+                    inner.send_close(c, CloseReason::reload);
+                }
+            }
+        }
+        *inner.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        let old = inner.size.swap(new_size, Ordering::AcqRel);
+        if new_size > old {
+            inner.sem.add_permits(new_size - old);
+        } else if new_size < old {
+            // Take the surplus permits as they become free, then forget them.
+            let sem = inner.sem.clone();
+            let n = (old - new_size) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(n).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+
+    /// Stop lending connections and shut every idle one down (drain). Connections still checked
+    /// out are shut down as they come back.
+    pub async fn close(&self, reason: CloseReason) -> (usize, usize) {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::Release);
+        let idle: Vec<ServerConn> = lock(&inner.idle).drain(..).collect();
+        let mut clean = 0;
+        let mut hard = 0;
+        let mut set = tokio::task::JoinSet::new();
+        for c in idle {
+            inner.metrics.idle.dec();
+            let inner = inner.clone();
+            set.spawn(async move { inner.shutdown_conn(c, reason).await });
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(ShutdownOutcome::Clean) => clean += 1,
+                _ => hard += 1,
+            }
+        }
+        (clean, hard)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+}
+
+impl PoolInner {
+    fn settings(&self) -> Arc<PoolSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Why an idle connection must not be lent out, if it must not.
+    fn unusable(&self, conn: &ServerConn, settings: &PoolSettings) -> Option<CloseReason> {
+        if conn.age() >= settings.server_lifetime {
+            Some(CloseReason::lifetime)
+        } else if conn.idle_since.elapsed() >= settings.server_idle_timeout {
+            Some(CloseReason::idle_timeout)
+        } else if self.is_stale(conn) {
+            Some(CloseReason::reload)
+        } else if !conn.idle_check() {
+            Some(CloseReason::error)
+        } else {
+            None
+        }
+    }
+
+    fn is_stale(&self, conn: &ServerConn) -> bool {
+        let current = self.generation.load(Ordering::Acquire);
+        current != 0
+            && lock(&self.conn_generation)
+                .get(&conn.id)
+                .copied()
+                .unwrap_or(0)
+                != current
+    }
+
+    /// The synchronous return path: park a clean connection, or hand it to the closer.
+    fn give_back(
+        self: &Arc<Self>,
+        conn: ServerConn,
+        permit: Option<OwnedSemaphorePermit>,
+        reset: bool,
+    ) {
+        self.metrics.active.dec();
+        if self.closed.load(Ordering::Acquire) {
+            drop(permit);
+            self.send_close(conn, CloseReason::drain);
+            return;
+        }
+        if !conn.is_clean() || reset {
+            self.metrics.closing.inc();
+            self.closer.send(CloseJob {
+                conn,
+                permit,
+                pool: self.clone(),
+                kind: CloseKind::Recover { reset },
+            });
+            return;
+        }
+        let settings = self.settings();
+        if conn.age() >= settings.server_lifetime {
+            drop(permit);
+            self.send_close(conn, CloseReason::lifetime);
+        } else if self.is_stale(&conn) {
+            drop(permit);
+            self.send_close(conn, CloseReason::reload);
+        } else {
+            self.park(conn);
+            drop(permit);
+        }
+    }
+
+    /// Return a connection that the closer made clean again (its `closing` count ends here).
+    fn return_clean(self: &Arc<Self>, conn: ServerConn, permit: Option<OwnedSemaphorePermit>) {
+        if self.closed.load(Ordering::Acquire) {
+            drop(permit);
+            self.send_close(conn, CloseReason::drain);
+            return;
+        }
+        self.park(conn);
+        drop(permit);
+    }
+
+    fn park(&self, mut conn: ServerConn) {
+        conn.idle_since = Instant::now();
+        lock(&self.idle).push_back(conn);
+        self.metrics.idle.inc();
+    }
+
+    /// After a successful reset (`DISCARD ALL` / `RESET ALL`) the settings tidepool applied
+    /// are gone; reported ones were updated from the ParameterStatus the reset sent.
+    fn after_reset(&self, conn: &mut ServerConn) {
+        let q = self.settings().reset_query.to_ascii_uppercase();
+        if q.contains("DISCARD ALL") || q.contains("RESET ALL") {
+            conn.applied = Params::default();
+        }
+    }
+
+    fn send_close(self: &Arc<Self>, conn: ServerConn, reason: CloseReason) {
+        self.metrics.closing.inc();
+        self.closer.send(CloseJob {
+            conn,
+            permit: None,
+            pool: self.clone(),
+            kind: CloseKind::Close(reason),
+        });
+    }
+
+    /// Shut a connection down and count it. Expects `closing` to have been incremented.
+    async fn shutdown_conn(&self, conn: ServerConn, reason: CloseReason) -> ShutdownOutcome {
+        let id = conn.id;
+        lock(&self.conn_generation).remove(&id);
+        let outcome = if conn.state.broken && conn.state.partial_to_server.is_some() {
+            conn.close_hard();
+            ShutdownOutcome::Hard
+        } else {
+            conn.shutdown(self.server_close_timeout).await
+        };
+        self.metrics.closed(reason).inc();
+        match outcome {
+            ShutdownOutcome::Clean => self.metrics.shutdown_clean.inc(),
+            ShutdownOutcome::Hard => self.metrics.shutdown_hard.inc(),
+        };
+        self.metrics.closing.dec();
+        tracing::debug!(conn.id = id, pool = %self.name, ?reason, ?outcome, "server connection closed");
+        outcome
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Increments an atomic for as long as it lives.
+struct Counted<'a>(&'a AtomicUsize);
+impl<'a> Counted<'a> {
+    fn new(a: &'a AtomicUsize) -> Self {
+        a.fetch_add(1, Ordering::Relaxed);
+        Counted(a)
+    }
+}
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A borrowed server connection.
+///
+/// # Drop behaviour
+///
+/// Returns the connection synchronously: a clean one (last ReadyForQuery `I`, nothing owed or
+/// unread, within its lifetime) goes to the idle list; anything else goes, with its pool slot,
+/// to the closer task, which recovers it (cancel, drain, rollback, reset) or shuts it down. It
+/// never awaits or spawns.
+pub struct Checkout {
+    conn: Option<ServerConn>,
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<PoolInner>,
+    /// Session mode: run `reset_query` before the connection is lent again.
+    reset_on_return: bool,
+    pub since: Instant,
+}
+
+impl Checkout {
+    fn new(conn: ServerConn, permit: OwnedSemaphorePermit, pool: Arc<PoolInner>) -> Checkout {
+        Checkout {
+            conn: Some(conn),
+            permit: Some(permit),
+            pool,
+            reset_on_return: false,
+            since: Instant::now(),
+        }
+    }
+
+    pub fn set_reset_on_return(&mut self, reset: bool) {
+        self.reset_on_return = reset;
+    }
+
+    pub fn pool_metrics(&self) -> &PoolMetrics {
+        &self.pool.metrics
+    }
+
+    /// Take the connection out of the pool's accounting for good (the caller must shut it
+    /// down); its slot is freed.
+    pub fn detach(mut self) -> ServerConn {
+        let conn = self
+            .conn
+            .take()
+            .expect("checkout holds a connection until dropped");
+        self.pool.metrics.active.dec();
+        conn
+    }
+
+    /// Test-only: drop the connection without shutdown (the leak detector must count it).
+    #[doc(hidden)]
+    pub fn leak_for_test(self) {
+        let conn = self.detach();
+        conn.leak_for_test();
+    }
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("checkout holds a connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("checkout holds a connection until dropped")
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let permit = self.permit.take();
+            self.pool.give_back(conn, permit, self.reset_on_return);
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! tidepool under test: in-process servers (for tests that read metrics or use test hooks)
+//! and the real binary (for signals and exit codes).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use tidepool::config::Config;
+use tidepool::server::{Server, Shared};
+use tidepool::shutdown::{DrainKind, DrainReport};
+
+use super::pg::PgCluster;
+
+static LOG: Once = Once::new();
+
+/// Log to the test's output (shown for failing tests); RUST_LOG filters, default `warn`.
+pub fn init_logging() {
+    LOG.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A config for one database `db` on `pg`, with `[pool]` lines from `pool` (TOML) and any
+/// extra TOML appended.
+pub fn config_text(pg: &PgCluster, db: &str, pool: &str, extra: &str) -> String {
+    format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+[admin]
+addr = "127.0.0.1:0"
+[auth]
+method = "trust"
+[drain]
+timeout = "10s"
+server_close_timeout = "2s"
+[pool]
+{pool}
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+{extra}
+"#,
+        port = pg.port()
+    )
+}
+
+/// An in-process tidepool.
+pub struct Tidepool {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    handle: Option<tokio::task::JoinHandle<DrainReport>>,
+}
+
+impl Tidepool {
+    pub async fn start(config: &str) -> Tidepool {
+        Self::start_with(config, false).await
+    }
+
+    pub async fn start_with(config: &str, admin: bool) -> Tidepool {
+        init_logging();
+        let config = Config::parse(config, "test.toml").expect("test config parses");
+        let server = Server::bind(config, None, admin)
+            .await
+            .expect("tidepool binds");
+        let addr = server.local_addr();
+        let admin = server.admin_addr();
+        let shared = server.shared.clone();
+        let handle = tokio::spawn(server.run());
+        // Wait until running.
+        let t0 = Instant::now();
+        while shared.shutdown.phase() != tidepool::shutdown::Phase::Running {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "tidepool did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Tidepool {
+            addr,
+            admin,
+            shared,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn conninfo(&self, db: &str, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={db} connect_timeout=10",
+            self.port()
+        )
+    }
+
+    pub async fn try_connect(
+        &self,
+        db: &str,
+        user: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.try_connect_str(&self.conninfo(db, user)).await
+    }
+
+    pub async fn try_connect_str(
+        &self,
+        conninfo: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    pub async fn connect(&self, db: &str) -> tokio_postgres::Client {
+        self.try_connect(db, "postgres")
+            .await
+            .unwrap_or_else(|e| panic!("connect through tidepool failed: {e}"))
+    }
+
+    pub fn leaked(&self) -> u64 {
+        self.shared.metrics.leaked_total()
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        self.shared.metrics.total(name)
+    }
+
+    /// Graceful drain, then the report. Asserts that it finished.
+    pub async fn stop(mut self) -> DrainReport {
+        self.shared.shutdown.begin(DrainKind::Graceful);
+        let h = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("drain finishes")
+            .expect("server task")
+    }
+}
+
+impl Drop for Tidepool {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            // A test that panicked: stop anyway so the runtime can end.
+            self.shared.shutdown.begin(DrainKind::Forced);
+        }
+    }
+}
+
+/// Path of the built binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tidepool"))
+}
+
+/// A tidepool process (the real binary), killed on drop if still running.
+pub struct TidepoolProcess {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A free loopback port (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl TidepoolProcess {
+    /// Start the binary with `config` (whose listen/admin addrs are replaced by free ports).
+    pub fn start(config: &str) -> TidepoolProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let admin_port = free_port();
+        let config = config
+            .replacen(
+                "addr = \"127.0.0.1:0\"",
+                &format!("addr = \"127.0.0.1:{port}\""),
+                1,
+            )
+            .replacen(
+                "addr = \"127.0.0.1:0\"",
+                &format!("addr = \"127.0.0.1:{admin_port}\""),
+                1,
+            );
+        let cfg_path = dir.path().join("tidepool.toml");
+        std::fs::write(&cfg_path, config).expect("write config");
+        let log_path = dir.path().join("tidepool.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(&cfg_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("TIDEPOOL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tidepool");
+        let p = TidepoolProcess {
+            child,
+            port,
+            admin_port,
+            log_path,
+            _dir: dir,
+        };
+        p.wait_ready(Duration::from_secs(10));
+        p
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        let t0 = Instant::now();
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "tidepool did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for exit; returns the exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn conninfo(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
+            self.port
+        )
+    }
+}
+
+impl Drop for TidepoolProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Lines in a Postgres log that mean a client connection was dropped abruptly.
+pub fn abrupt_disconnects(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("unexpected EOF on client connection")
+                || l.contains("could not receive data from client")
+        })
+        .collect()
+}
+
+/// Run pgbench against `port`; returns (success, stdout+stderr).
+pub fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg(db)
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// pgbench's "number of failed transactions: N" (PostgreSQL 15+).
+pub fn pgbench_failed(output: &str) -> Option<u64> {
+    output
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions:"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// pgbench's processed count "number of transactions actually processed: N/M".
+pub fn pgbench_processed(output: &str) -> Option<u64> {
+    output
+        .lines()
+        .find(|l| l.starts_with("number of transactions actually processed:"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().split('/').next())
+        .and_then(|v| v.trim().parse().ok())
+}
