@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{self, BackendError, Params, ServerConn, ServerTarget, ShutdownOutcome};
@@ -56,13 +57,28 @@ pub struct Closer {
 }
 
 impl Closer {
-    /// Start the closer task on `tracker`.
-    pub fn start(tracker: &TaskTracker) -> Closer {
+    /// Start the closer task on `tracker`. It runs until `stop` is cancelled, then starts the
+    /// jobs already queued and ends; the tracker waits for those jobs.
+    pub fn start(tracker: &TaskTracker, stop: CancellationToken) -> Closer {
         let (tx, mut rx) = mpsc::unbounded_channel::<CloseJob>();
         let t = tracker.clone();
         tracker.spawn(async move {
-            while let Some(job) = rx.recv().await {
-                t.spawn(run_job(job));
+            loop {
+                tokio::select! {
+                    job = rx.recv() => match job {
+                        Some(job) => {
+                            t.spawn(run_job(job));
+                        }
+                        None => return,
+                    },
+                    _ = stop.cancelled() => {
+                        rx.close();
+                        while let Some(job) = rx.recv().await {
+                            t.spawn(run_job(job));
+                        }
+                        return;
+                    }
+                }
             }
         });
         Closer { tx }
@@ -257,11 +273,36 @@ impl Pool {
             }
         };
         inner.metrics.checkout_wait.observe(start.elapsed());
+        self.with_permit(permit, &settings).await
+    }
+
+    /// Like [`checkout`](Self::checkout), but only if a slot is free right now: `Ok(None)`
+    /// when the pool is at its size.
+    pub async fn checkout_now(&self) -> Result<Option<Checkout>, CheckoutError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(CheckoutError::Closed);
+        }
+        let settings = inner.settings();
+        match inner.sem.clone().try_acquire_owned() {
+            Ok(permit) => self.with_permit(permit, &settings).await.map(Some),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(CheckoutError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Ok(None),
+        }
+    }
+
+    /// Holding a slot: an idle connection that still looks alive, else a new one.
+    async fn with_permit(
+        &self,
+        permit: OwnedSemaphorePermit,
+        settings: &PoolSettings,
+    ) -> Result<Checkout, CheckoutError> {
+        let inner = &self.inner;
         loop {
             let candidate = lock(&inner.idle).pop_back();
             let Some(conn) = candidate else { break };
             inner.metrics.idle.dec();
-            if let Some(reason) = inner.unusable(&conn, &settings) {
+            if let Some(reason) = inner.unusable(&conn, settings) {
                 inner.send_close(conn, reason);
                 continue;
             }

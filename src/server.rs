@@ -73,6 +73,8 @@ pub struct Shared {
     /// Every long-lived task and every closer job; the drain waits on it.
     pub tracker: TaskTracker,
     pub shutdown: Arc<Shutdown>,
+    /// Stops the closer task once the drain has closed every pool.
+    closer_stop: tokio_util::sync::CancellationToken,
     /// The upstream answered its last check (readiness).
     pub upstream_ok: AtomicBool,
     pub started: Instant,
@@ -256,13 +258,15 @@ impl Server {
             None
         };
         let tracker = TaskTracker::new();
-        let closer = Closer::start(&tracker);
+        let closer_stop = tokio_util::sync::CancellationToken::new();
+        let closer = Closer::start(&tracker, closer_stop.clone());
         let shared = Arc::new(Shared {
             runtime: RwLock::new(Arc::new(rt)),
             source,
             pools: Mutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::new()),
             closer,
+            closer_stop,
             cancels: CancelRegistry::new(),
             clients: AtomicUsize::new(0),
             tracker,
@@ -473,6 +477,7 @@ async fn drain(shared: &Arc<Shared>, accept: tokio::task::JoinHandle<()>) -> Dra
     for pool in shared.pools() {
         pool.close(CloseReason::drain).await;
     }
+    shared.closer_stop.cancel();
     shared.tracker.close();
     if tokio::time::timeout(
         cfg.server_close_timeout + Duration::from_secs(2),

@@ -218,10 +218,11 @@ async fn cancel_reaches_only_its_own_query() {
         token.cancel_query(tokio_postgres::NoTls).await.unwrap();
         let (r, took, a) = sleeper.await.unwrap();
         let err = r.unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("canceling statement due to user request"),
-            "{mode}: {err}"
+        let msg = err.as_db_error().map(|e| e.message().to_string());
+        assert_eq!(
+            msg.as_deref(),
+            Some("canceling statement due to user request"),
+            "{mode}: {err:?}"
         );
         assert!(
             took < Duration::from_secs(2),

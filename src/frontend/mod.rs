@@ -62,34 +62,32 @@ pub async fn serve_client(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr
 async fn serve_inner(shared: &Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
     let rt = shared.runtime();
     let over_limit = shared.client_count() > rt.config.listen.max_clients;
+    // listen.login_timeout bounds startup and authentication; waiting for a server after
+    // that is bounded by the pool's checkout_timeout.
     let deadline = tokio::time::Instant::now() + rt.config.listen.login_timeout;
-    let login = tokio::time::timeout_at(deadline, login(shared, &rt, &mut sock, over_limit)).await;
-    let session = match login {
-        Ok(Ok(Some(s))) => s,
+    let hello =
+        tokio::time::timeout_at(deadline, handshake(shared, &rt, &mut sock, over_limit)).await;
+    let result = match hello {
+        Ok(Ok(Some(h))) => attach(shared, &rt, &mut sock, h).await,
         Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => {
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(LoginError::new(
+            // Postgres's wording for authentication_timeout (SQLSTATE 57014).
+            "57014",
+            "canceling authentication due to timeout",
+            RejectReason::protocol,
+        )),
+    };
+    match result {
+        Ok(session) => relay::run(shared.clone(), sock, session).await,
+        Err(e) => {
             shared.metrics.reject(e.reason);
             tracing::info!(code = %e.code, reason = ?e.reason, "login refused: {}", e.message);
             let mut out = BytesMut::new();
             protocol::error_response(&mut out, Severity::Fatal, &e.code, &e.message);
             let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&out)).await;
-            return Ok(());
         }
-        Err(_) => {
-            shared.metrics.reject(RejectReason::protocol);
-            // Postgres's wording for authentication_timeout (SQLSTATE 57014).
-            let mut out = BytesMut::new();
-            protocol::error_response(
-                &mut out,
-                Severity::Fatal,
-                "57014",
-                "canceling authentication due to timeout",
-            );
-            let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&out)).await;
-            return Ok(());
-        }
-    };
-    relay::run(shared.clone(), sock, session).await;
+    }
     Ok(())
 }
 
@@ -130,12 +128,21 @@ async fn read_startup(sock: &mut TcpStream) -> Result<Option<StartupPacket>, Log
         .map_err(|e| LoginError::new("08P01", e.to_string(), RejectReason::protocol))
 }
 
-async fn login(
+/// A client that passed startup and authentication.
+struct Hello {
+    user: String,
+    database: String,
+    desired: Vec<(String, String)>,
+    client_password: Option<String>,
+}
+
+/// Startup packet(s) and authentication.
+async fn handshake(
     shared: &Arc<Shared>,
     rt: &Arc<Runtime>,
     sock: &mut TcpStream,
     over_limit: bool,
-) -> Result<Option<LoggedIn>, LoginError> {
+) -> Result<Option<Hello>, LoginError> {
     let io_err = |_| {
         LoginError::new(
             "08006",
@@ -203,7 +210,6 @@ async fn login(
         .unwrap_or_else(|| user.clone());
     let desired = params::desired_settings(&params)
         .map_err(|m| LoginError::new("22023", m, RejectReason::protocol))?;
-
     // Unknown database: answer before authentication, as Postgres effectively does.
     if rt.config.database_entry(&database).is_none() {
         return Err(LoginError::new(
@@ -212,16 +218,51 @@ async fn login(
             RejectReason::protocol,
         ));
     }
-
     let client_password = authenticate(rt, sock, &user).await?;
+    Ok(Some(Hello {
+        user,
+        database,
+        desired,
+        client_password,
+    }))
+}
 
+/// Find the client's pool and finish the login: AuthenticationOk, ParameterStatus,
+/// BackendKeyData, ReadyForQuery.
+///
+/// A server is borrowed now when one is free (or when the pool has never connected, to learn
+/// the server's parameters): its values are then exact and, in session mode, the client keeps
+/// it and is told its real process id. When the pool is full the client logs in on the pool's
+/// known parameters with a tidepool key, and gets its server with its first request, as with
+/// PgBouncer; so more clients than servers can log in at once, in session mode too.
+async fn attach(
+    shared: &Arc<Shared>,
+    rt: &Arc<Runtime>,
+    sock: &mut TcpStream,
+    hello: Hello,
+) -> Result<LoggedIn, LoginError> {
+    let Hello {
+        user,
+        database,
+        desired,
+        client_password,
+    } = hello;
+    let io_err = |_| {
+        LoginError::new(
+            "08006",
+            "connection lost during login",
+            RejectReason::protocol,
+        )
+    };
     let pool = shared
         .pool_for(rt, &database, &user, client_password.as_deref())
         .map_err(|m| LoginError::new("3D000", m, RejectReason::protocol))?;
     let settings = pool.settings();
-
-    // Borrow a server: proves the upstream works and gives the real parameter values.
-    let mut server = match pool.checkout().await {
+    let server = match pool.baseline() {
+        None => pool.checkout().await.map(Some),
+        Some(_) => pool.checkout_now().await,
+    };
+    let mut server = match server {
         Ok(s) => s,
         Err(e) => {
             let (code, message) = checkout_error_for_client(&e);
@@ -229,29 +270,34 @@ async fn login(
             return Err(LoginError::new(code, message, RejectReason::protocol));
         }
     };
-    let baseline = pool.baseline();
-    let mut client_params = ClientParams::initial(baseline.as_deref(), &server.params, desired);
-    if let Err((code, message)) = params::sync(
-        &mut server,
-        &mut client_params,
-        rt.config.drain.server_close_timeout,
-    )
-    .await
-    {
-        return Err(LoginError::new(&code, message, RejectReason::protocol));
+    let baseline = pool.baseline().unwrap_or_default();
+    let mut client_params = ClientParams::initial(Some(&baseline), &baseline, desired);
+    if let Some(server) = server.as_mut() {
+        if let Err((code, message)) = params::sync(
+            server,
+            &mut client_params,
+            rt.config.drain.server_close_timeout,
+        )
+        .await
+        {
+            return Err(LoginError::new(&code, message, RejectReason::protocol));
+        }
+        client_params.adopt_reported(&server.params);
     }
-    client_params.adopt_reported(&server.params);
+    let reported = server
+        .as_ref()
+        .map(|s| s.params.clone())
+        .unwrap_or_else(|| (*baseline).clone());
 
     let cshared = Arc::new(ClientShared::default());
-    let key = match settings.mode {
-        PoolMode::Session => shared
-            .cancels
-            .register(Some(server.key.pid), cshared.clone()),
-        PoolMode::Transaction => shared.cancels.register(None, cshared.clone()),
+    let real_pid = match (&server, settings.mode) {
+        (Some(s), PoolMode::Session) => Some(s.key.pid),
+        _ => None,
     };
+    let key = shared.cancels.register(real_pid, cshared.clone());
     let mut out = BytesMut::with_capacity(512);
     protocol::auth_ok(&mut out);
-    for (k, v) in server.params.iter() {
+    for (k, v) in reported.iter() {
         let v = client_params.get(k).unwrap_or(v);
         protocol::parameter_status(&mut out, k, v);
     }
@@ -261,19 +307,19 @@ async fn login(
         shared.cancels.unregister(key);
         return Err(io_err(e));
     }
-    let server = match settings.mode {
-        PoolMode::Session => {
+    let server = match (server, settings.mode) {
+        (Some(mut server), PoolMode::Session) => {
             server.set_reset_on_return(true);
             cshared.hold(server.addr, server.key);
             Some(server)
         }
-        PoolMode::Transaction => {
-            drop(server);
+        (other, _) => {
+            drop(other);
             None
         }
     };
     tracing::info!(%user, %database, mode = settings.mode.as_str(), "client logged in");
-    Ok(Some(LoggedIn {
+    Ok(LoggedIn {
         pool,
         mode: settings.mode,
         params: client_params,
@@ -282,7 +328,7 @@ async fn login(
         server,
         user,
         database,
-    }))
+    })
 }
 
 /// The FATAL a client gets when no server could be had at login.

@@ -351,6 +351,10 @@ impl Session {
             self.server = Some(server);
             return Some(Exit::Sync(code, msg));
         }
+        self.login.params.adopt_reported(&server.params);
+        if self.login.mode == PoolMode::Session {
+            server.set_reset_on_return(true);
+        }
         self.login.shared.hold(server.addr, server.key);
         self.server = Some(server);
         None
