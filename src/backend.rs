@@ -457,10 +457,7 @@ impl ServerConn {
     /// a restart), so any byte means the connection must go.
     pub fn idle_check(&self) -> bool {
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            _ => false,
-        }
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Run one simple-protocol statement that tidepool issues itself (parameter sync, reset,

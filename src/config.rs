@@ -484,10 +484,8 @@ fn expand_env_table(t: &mut toml::Table, prefix: &str) -> Result<(), String> {
 
 fn expand_env_value(v: &mut toml::Value, path: &str) -> Result<(), String> {
     match v {
-        toml::Value::String(s) => {
-            if s.contains("${") {
-                *s = expand_env_str(s).map_err(|e| format!("key `{path}`: {e}"))?;
-            }
+        toml::Value::String(s) if s.contains("${") => {
+            *s = expand_env_str(s).map_err(|e| format!("key `{path}`: {e}"))?;
         }
         toml::Value::Table(t) => expand_env_table(t, path)?,
         toml::Value::Array(a) => {

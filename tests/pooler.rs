@@ -327,7 +327,7 @@ async fn clear_errors_for_unknown_database_and_unreachable_upstream() {
         .try_connect("nosuchdb", "postgres")
         .await
         .err()
-        .expect("refused");
+        .unwrap_or_else(|| panic!("refused"));
     let dbe = err.as_db_error().expect("a Postgres error");
     assert_eq!(dbe.code().code(), "3D000");
     assert!(
@@ -340,7 +340,7 @@ async fn clear_errors_for_unknown_database_and_unreachable_upstream() {
         .try_connect("deadbase", "postgres")
         .await
         .err()
-        .expect("refused");
+        .unwrap_or_else(|| panic!("refused"));
     let dbe = err.as_db_error().expect("a Postgres error");
     assert_eq!(dbe.code().code(), "08006");
     assert!(
@@ -375,7 +375,7 @@ async fn fallback_database_serves_any_name() {
         .try_connect("star_missing_db", "postgres")
         .await
         .err()
-        .expect("refused");
+        .unwrap_or_else(|| panic!("refused"));
     assert_eq!(err.as_db_error().expect("db error").code().code(), "3D000");
     drop(c);
     assert_eq!(tp.stop().await.leaked, 0);

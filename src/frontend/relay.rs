@@ -84,6 +84,8 @@ struct Session {
     close_at_boundary: bool,
     /// Forced close in progress: give up waiting for the server at this instant.
     force_deadline: Option<tokio::time::Instant>,
+    /// The session was forced (drain deadline, second signal, SIGQUIT).
+    forced: bool,
 }
 
 /// Relay a logged-in client until it leaves, then settle its server and cancel key.
@@ -113,10 +115,20 @@ pub async fn run(shared: Arc<Shared>, mut client: TcpStream, login: LoggedIn) {
         max_msg,
         close_at_boundary: false,
         force_deadline: None,
+        forced: false,
     };
     s.server = s.login.server.take();
     let exit = s.relay(&mut client).await;
     tracing::debug!(?exit, "client session ended");
+    if shared.shutdown.is_draining() {
+        let stats = &shared.shutdown.stats;
+        let counter = match exit {
+            Exit::Shutdown if s.forced => &stats.clients_forced,
+            Exit::Shutdown => &stats.clients_closed_at_boundary,
+            _ => &stats.clients_left,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     s.finish(&mut client, exit).await;
     if s.server.is_some() {
         gauges.active.dec();
@@ -282,6 +294,9 @@ impl Session {
     /// answer (so an acknowledged COMMIT still reaches the client) before closing.
     async fn start_force(&mut self) {
         let timeout = self.shared.runtime().config.drain.server_close_timeout;
+        // A client already at a transaction boundary is closed at one; only a client cut off
+        // mid-transaction counts as forced.
+        self.forced = !self.at_boundary();
         self.force_deadline = Some(tokio::time::Instant::now() + timeout);
         if let Some(s) = self.server.as_ref() {
             if s.state.expected_rfq > 0 {
