@@ -94,12 +94,13 @@ impl Shutdown {
             None => {
                 *k = Some(kind);
                 self.set_phase(Phase::Draining);
+                // The drain token first: sessions woken below must already see a drain.
+                self.drain.cancel();
                 match kind {
                     DrainKind::Graceful => {}
                     DrainKind::Boundary => self.boundary.cancel(),
                     DrainKind::Forced => self.force_now(),
                 }
-                self.drain.cancel();
                 tracing::info!(kind = ?kind, "drain started");
             }
             Some(_) => {

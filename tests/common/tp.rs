@@ -168,6 +168,7 @@ pub struct TidepoolProcess {
     pub port: u16,
     pub admin_port: u16,
     pub log_path: PathBuf,
+    pub config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -217,6 +218,7 @@ impl TidepoolProcess {
             port,
             admin_port,
             log_path,
+            config_path: cfg_path,
             _dir: dir,
         };
         p.wait_ready(Duration::from_secs(10));
@@ -236,6 +238,29 @@ impl TidepoolProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Replace the config file (same port substitution as at start), e.g. before SIGHUP.
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(
+            &self.config_path,
+            with_ports(config, self.port, self.admin_port),
+        )
+        .expect("rewrite config");
+    }
+
+    /// GET a path on the admin endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_port, path)
+    }
+
+    /// The JSON of the "drain report" log line.
+    pub fn drain_report(&self) -> Option<serde_json::Value> {
+        let log = self.log();
+        let line = log.lines().rev().find(|l| l.contains("drain report"))?;
+        let start = line.find("report=")? + "report=".len();
+        let json = line[start..].split_whitespace().next()?;
+        serde_json::from_str(json).ok()
     }
 
     pub fn log(&self) -> String {
@@ -281,6 +306,42 @@ impl Drop for TidepoolProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+fn with_ports(config: &str, port: u16, admin_port: u16) -> String {
+    config
+        .replacen(
+            "addr = \"127.0.0.1:0\"",
+            &format!("addr = \"127.0.0.1:{port}\""),
+            1,
+        )
+        .replacen(
+            "addr = \"127.0.0.1:0\"",
+            &format!("addr = \"127.0.0.1:{admin_port}\""),
+            1,
+        )
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1:port: (status code, body); (0, error) if it failed.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, "connect failed".into());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, "write failed".into());
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
 }
 
 /// Lines in a Postgres log that mean a client connection was dropped abruptly.
