@@ -3,17 +3,16 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::pg::PgCluster;
 use common::tp::{self, config_text, TidepoolProcess};
 
 /// The pgbench-driven tests are heavy for 2 cores: run them one at a time.
-static HEAVY: Mutex<()> = Mutex::new(());
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.blocking_lock()
 }
 
 fn config(pg: &PgCluster, db: &str, mode: &str, size: usize, drain: &str) -> String {
@@ -133,7 +132,7 @@ fn sigterm_drains_pgbench_session_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_closes_clients_and_cancels_queries() {
-    let _g = heavy();
+    let _g = HEAVY.lock().await;
     let pg = PgCluster::shared();
     let db = pg.create_db("drain_timeout");
     let offset = pg.log_len();
