@@ -18,15 +18,35 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::{self, TERMINATE};
+use crate::tls::{MaybeTls, ServerStream, SslMode};
+use tokio_rustls::rustls::ClientConfig;
 
 /// Where and as whom a pool connects.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ServerTarget {
     pub host: String,
     pub port: u16,
     pub dbname: String,
     pub user: String,
     pub password: Option<String>,
+    pub sslmode: SslMode,
+    /// The rustls config for `sslmode` (None for disable).
+    pub tls: Option<Arc<ClientConfig>>,
+    /// Identifies the TLS settings (mode and CA file contents) so a reload can tell whether
+    /// they changed.
+    pub tls_id: String,
+}
+
+impl PartialEq for ServerTarget {
+    fn eq(&self, o: &Self) -> bool {
+        self.host == o.host
+            && self.port == o.port
+            && self.dbname == o.dbname
+            && self.user == o.user
+            && self.password == o.password
+            && self.sslmode == o.sslmode
+            && self.tls_id == o.tls_id
+    }
 }
 
 impl std::fmt::Debug for ServerTarget {
@@ -64,6 +84,10 @@ pub enum BackendError {
     Closed,
     #[error("timed out waiting for the server")]
     Timeout,
+    #[error("server does not support SSL, but sslmode is {0:?}")]
+    TlsRefused(SslMode),
+    #[error("TLS handshake with the server failed: {0}")]
+    Tls(std::io::Error),
 }
 
 impl BackendError {
@@ -186,7 +210,7 @@ pub mod test_hooks {
 /// the 5-byte Terminate with a plain `send(2)` when no message is half-sent. It never awaits,
 /// blocks, panics or spawns, so it is safe outside a runtime and during unwinding.
 pub struct ServerConn {
-    stream: TcpStream,
+    stream: ServerStream,
     /// Set once the connection has been closed through `shutdown`/`close_hard`.
     closed: bool,
     pub id: u64,
@@ -264,7 +288,7 @@ async fn connect_inner(
     leaked: Counter,
 ) -> Result<ServerConn, BackendError> {
     let addr_text = format!("{}:{}", target.host, target.port);
-    let mut stream = TcpStream::connect((target.host.as_str(), target.port))
+    let stream = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|source| BackendError::Connect {
             addr: addr_text.clone(),
@@ -272,6 +296,7 @@ async fn connect_inner(
         })?;
     set_socket_options(&stream)?;
     let addr = stream.peer_addr()?;
+    let mut stream = negotiate_tls(stream, target).await?;
 
     let mut out = BytesMut::with_capacity(256);
     frontend::startup_message(
@@ -400,6 +425,37 @@ async fn connect_inner(
     }
 }
 
+/// SSLRequest, then a TLS handshake if the server answers `S` (protocol docs 55.2.10).
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    target: &ServerTarget,
+) -> Result<ServerStream, BackendError> {
+    let Some(config) = target.tls.clone() else {
+        return Ok(MaybeTls::Plain(tcp));
+    };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+                .map_err(|e| BackendError::Tls(std::io::Error::other(e.to_string())))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(BackendError::Tls)?;
+            Ok(MaybeTls::Tls(Box::new(tls)))
+        }
+        b'N' if target.sslmode == SslMode::Prefer => Ok(MaybeTls::Plain(tcp)),
+        b'N' => Err(BackendError::TlsRefused(target.sslmode)),
+        other => Err(BackendError::Protocol(format!(
+            "unexpected answer to SSLRequest: {other}"
+        ))),
+    }
+}
+
 fn password(target: &ServerTarget) -> Result<&str, BackendError> {
     target
         .password
@@ -408,8 +464,8 @@ fn password(target: &ServerTarget) -> Result<&str, BackendError> {
 }
 
 /// Read one whole message (login and control paths only; the relay has its own framing).
-async fn read_message(
-    stream: &mut TcpStream,
+async fn read_message<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<(u8, BytesMut), BackendError> {
     loop {
@@ -439,8 +495,12 @@ pub struct ExecOutcome {
 }
 
 impl ServerConn {
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut ServerStream {
         &mut self.stream
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
     }
 
     /// Reusable as is: the protocol state is clean and no client bytes wait to be written.
@@ -456,8 +516,12 @@ impl ServerConn {
     /// An idle Postgres backend sends nothing unless it is terminating (`pg_terminate_backend`,
     /// a restart), so any byte means the connection must go.
     pub fn idle_check(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        // A peek, not a read: under TLS the bytes belong to the TLS layer.
+        let Some(tcp) = self.stream.tcp() else {
+            return false;
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(tcp).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Run one simple-protocol statement that tidepool issues itself (parameter sync, reset,
@@ -612,7 +676,7 @@ impl ServerConn {
         Ok(())
     }
 
-    /// Explicit graceful close: Terminate, flush, TCP shutdown, then wait for the server to
+    /// Explicit graceful close: Terminate, flush, TCP shutdown (after TLS close_notify), then wait for the server to
     /// close its side, all within `timeout`; on failure or timeout the socket is closed anyway.
     ///
     /// # Cancel safety
@@ -679,8 +743,11 @@ impl Drop for ServerConn {
             "server connection dropped without shutdown (leak)"
         );
         if self.state.partial_to_server.is_none() && self.pending.is_none() {
-            // One non-blocking send(2); whatever happens, we do not wait.
-            let _ = socket2::SockRef::from(&self.stream).send(&TERMINATE);
+            // One non-blocking send(2) on plain TCP (under TLS it would corrupt the record
+            // stream); whatever happens, we do not wait.
+            if let MaybeTls::Plain(tcp) = &self.stream {
+                let _ = socket2::SockRef::from(tcp).send(&TERMINATE);
+            }
         }
     }
 }

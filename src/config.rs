@@ -40,6 +40,18 @@ pub struct ListenConfig {
     pub login_timeout: Duration,
     /// Largest message a client may send (bytes). Postgres itself allows up to 1 GiB.
     pub max_message_size: usize,
+    /// TLS towards clients.
+    pub tls: Option<ListenTls>,
+}
+
+/// `listen.tls`: certificate, key and how clients must use them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub mode: crate::tls::ListenTlsMode,
 }
 
 impl Default for ListenConfig {
@@ -49,6 +61,7 @@ impl Default for ListenConfig {
             max_clients: 10_000,
             login_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -208,6 +221,11 @@ pub struct DatabaseConfig {
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
     pub reset_query: Option<String>,
+    /// TLS towards this server: disable | prefer | require | verify-ca | verify-full.
+    #[serde(default)]
+    pub sslmode: crate::tls::SslMode,
+    /// CA certificates (PEM) for verify-ca and verify-full.
+    pub sslrootcert: Option<PathBuf>,
 }
 
 impl fmt::Debug for DatabaseConfig {
@@ -264,7 +282,25 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-        Config::parse(&text, &path.display().to_string())
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        // Relative file names in the config are relative to the config file.
+        if let Some(dir) = path.parent() {
+            let fix = |p: &mut PathBuf| {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            };
+            if let Some(t) = config.listen.tls.as_mut() {
+                fix(&mut t.cert);
+                fix(&mut t.key);
+            }
+            for d in config.databases.values_mut() {
+                if let Some(r) = d.sslrootcert.as_mut() {
+                    fix(r);
+                }
+            }
+        }
+        Ok(config)
     }
 
     /// Parse config text; `origin` names the file in errors.
@@ -333,6 +369,8 @@ impl Config {
                 server_idle_timeout: None,
                 connect_timeout: None,
                 reset_query: None,
+                sslmode: Default::default(),
+                sslrootcert: None,
             },
         );
         config.validate()?;
@@ -370,6 +408,18 @@ impl Config {
                 "auth.users",
                 "auth.method requires passwords: list the users, or set auth.method = \"trust\"",
             );
+        }
+        for (name, d) in &self.databases {
+            if matches!(
+                d.sslmode,
+                crate::tls::SslMode::VerifyCa | crate::tls::SslMode::VerifyFull
+            ) && d.sslrootcert.is_none()
+            {
+                return err(
+                    &format!("databases.{name}.sslrootcert"),
+                    "required with sslmode verify-ca or verify-full",
+                );
+            }
         }
         for name in self.databases.keys() {
             let s = self.pool_settings(name);

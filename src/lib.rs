@@ -11,6 +11,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: the HTTP endpoint (`/livez`, `/readyz`, `/metrics`, `/status`).
 //! - [`shutdown`]: phases, signals and the drain.
+//! - [`tls`]: rustls configs for both sides and the plain-or-TLS stream type.
 //! - [`server`]: wires it all together: [`server::run`].
 
 pub mod admin;
@@ -23,3 +24,4 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;
+pub mod tls;

@@ -54,6 +54,8 @@ enum CloseKind {
 #[derive(Clone)]
 pub struct Closer {
     tx: mpsc::UnboundedSender<CloseJob>,
+    /// Jobs sent and not finished; the drain waits for zero before stopping the closer.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Closer {
@@ -61,37 +63,55 @@ impl Closer {
     /// jobs already queued and ends; the tracker waits for those jobs.
     pub fn start(tracker: &TaskTracker, stop: CancellationToken) -> Closer {
         let (tx, mut rx) = mpsc::unbounded_channel::<CloseJob>();
+        let pending = Arc::new(AtomicUsize::new(0));
         let t = tracker.clone();
+        let p = pending.clone();
         tracker.spawn(async move {
             loop {
                 tokio::select! {
                     job = rx.recv() => match job {
                         Some(job) => {
-                            t.spawn(run_job(job));
+                            t.spawn(run_job(job, Done(p.clone())));
                         }
                         None => return,
                     },
                     _ = stop.cancelled() => {
                         rx.close();
                         while let Some(job) = rx.recv().await {
-                            t.spawn(run_job(job));
+                            t.spawn(run_job(job, Done(p.clone())));
                         }
                         return;
                     }
                 }
             }
         });
-        Closer { tx }
+        Closer { tx, pending }
     }
 
     fn send(&self, job: CloseJob) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
         // On failure the job (connection and permit) is dropped right here: the permit is
         // released, and the connection's Drop reports the leak.
-        let _ = self.tx.send(job);
+        if self.tx.send(job).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Jobs queued or running.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
     }
 }
 
-async fn run_job(job: CloseJob) {
+/// Marks a closer job finished when dropped.
+struct Done(Arc<AtomicUsize>);
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn run_job(job: CloseJob, _done: Done) {
     let CloseJob {
         mut conn,
         permit,
@@ -105,26 +125,33 @@ async fn run_job(job: CloseJob) {
             let mut reason = CloseReason::error;
             if conn.recover(timeout).await {
                 let settings = pool.settings();
+                let mut clean = true;
                 if reset && !settings.reset_query.is_empty() {
                     match conn.exec(&settings.reset_query, timeout).await {
                         Ok(o) if o.error.is_none() && conn.is_clean() => {
-                            pool.after_reset(&mut conn);
-                            pool.metrics.closing.dec();
-                            pool.return_clean(conn, permit);
-                            return;
+                            pool.after_reset(&mut conn)
                         }
                         Ok(o) => {
                             if let Some((code, msg)) = o.error {
                                 tracing::warn!(pool = %pool.name, %code, %msg, "reset_query failed");
                             }
-                            reason = CloseReason::reset_failed;
+                            clean = false;
                         }
-                        Err(_) => reason = CloseReason::reset_failed,
+                        Err(_) => clean = false,
                     }
-                } else {
-                    pool.metrics.closing.dec();
-                    pool.return_clean(conn, permit);
-                    return;
+                    if !clean {
+                        reason = CloseReason::reset_failed;
+                    }
+                }
+                if clean {
+                    if !pool.closed.load(Ordering::Acquire) {
+                        pool.metrics.closing.dec();
+                        pool.park(conn);
+                        drop(permit);
+                        return;
+                    }
+                    // Draining: close it here rather than queue another job.
+                    reason = CloseReason::drain;
                 }
             }
             reason

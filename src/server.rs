@@ -29,10 +29,15 @@ pub struct UserAuth {
     pub scram_secret: Secret,
 }
 
-/// The config plus what is derived from it; replaced whole on reload.
+/// The config plus what is derived from it; replaced whole on reload (so certificates are
+/// read again on SIGHUP).
 pub struct Runtime {
     pub config: Config,
     pub users: HashMap<String, UserAuth>,
+    /// TLS towards clients, if configured and not disabled.
+    pub listen_tls: Option<(tokio_rustls::TlsAcceptor, crate::tls::ListenTlsMode)>,
+    /// Per database entry: the rustls config for its sslmode and an id of those settings.
+    server_tls: HashMap<String, (Option<Arc<tokio_rustls::rustls::ClientConfig>>, String)>,
 }
 
 impl Runtime {
@@ -57,7 +62,37 @@ impl Runtime {
                 },
             );
         }
-        Ok(Runtime { config, users })
+        let listen_tls = match &config.listen.tls {
+            Some(t) if t.mode != crate::tls::ListenTlsMode::Disable => {
+                let sc = crate::tls::server_config(&t.cert, &t.key)
+                    .map_err(|e| ConfigError(format!("key `listen.tls`: {e}")))?;
+                Some((tokio_rustls::TlsAcceptor::from(sc), t.mode))
+            }
+            _ => None,
+        };
+        let mut server_tls = HashMap::new();
+        for (name, d) in &config.databases {
+            let cc = crate::tls::client_config(d.sslmode, d.sslrootcert.as_deref())
+                .map_err(|e| ConfigError(format!("key `databases.{name}.sslmode`: {e}")))?;
+            let ca = d
+                .sslrootcert
+                .as_ref()
+                .and_then(|p| std::fs::read(p).ok())
+                .map(|b| {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    b.hash(&mut h);
+                    h.finish()
+                })
+                .unwrap_or(0);
+            server_tls.insert(name.clone(), (cc, format!("{:?}:{ca:x}", d.sslmode)));
+        }
+        Ok(Runtime {
+            config,
+            users,
+            listen_tls,
+            server_tls,
+        })
     }
 }
 
@@ -205,6 +240,7 @@ fn target_for(
     client_password: Option<&str>,
 ) -> Option<ServerTarget> {
     let (entry_name, entry) = rt.config.database_entry(database)?;
+    let (tls, tls_id) = rt.server_tls.get(entry_name).cloned().unwrap_or_default();
     let dbname = match (&entry.dbname, entry_name) {
         (Some(d), _) => d.clone(),
         (None, "*") => database.to_string(),
@@ -219,6 +255,9 @@ fn target_for(
             .password
             .clone()
             .or_else(|| client_password.map(str::to_string)),
+        sslmode: entry.sslmode,
+        tls,
+        tls_id,
     })
 }
 
@@ -476,6 +515,11 @@ async fn drain(shared: &Arc<Shared>, accept: tokio::task::JoinHandle<()>) -> Dra
     // Every server connection: idle ones now, returning ones as they come back.
     for pool in shared.pools() {
         pool.close(CloseReason::drain).await;
+    }
+    // Jobs already handed to the closer (recoveries, resets) finish, then it stops.
+    let until = tokio::time::Instant::now() + cfg.server_close_timeout * 2 + Duration::from_secs(1);
+    while shared.closer.pending() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     shared.closer_stop.cancel();
     shared.tracker.close();

@@ -24,6 +24,7 @@ use crate::metrics::RejectReason;
 use crate::pool::{CheckoutError, Pool};
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket};
 use crate::server::{Runtime, Shared};
+use crate::tls::{ClientStream, MaybeTls};
 
 use self::cancel::ClientShared;
 use self::params::ClientParams;
@@ -59,7 +60,8 @@ pub async fn serve_client(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr
     .await
 }
 
-async fn serve_inner(shared: &Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
+async fn serve_inner(shared: &Arc<Shared>, tcp: TcpStream) -> std::io::Result<()> {
+    let mut sock = ClientStream::Plain(tcp);
     let rt = shared.runtime();
     let over_limit = shared.client_count() > rt.config.listen.max_clients;
     // listen.login_timeout bounds startup and authentication; waiting for a server after
@@ -104,7 +106,7 @@ pub struct LoggedIn {
     pub database: String,
 }
 
-async fn read_startup(sock: &mut TcpStream) -> Result<Option<StartupPacket>, LoginError> {
+async fn read_startup(sock: &mut ClientStream) -> Result<Option<StartupPacket>, LoginError> {
     let mut len = [0u8; 4];
     match sock.read_exact(&mut len).await {
         Ok(_) => {}
@@ -140,7 +142,7 @@ struct Hello {
 async fn handshake(
     shared: &Arc<Shared>,
     rt: &Arc<Runtime>,
-    sock: &mut TcpStream,
+    sock: &mut ClientStream,
     over_limit: bool,
 ) -> Result<Option<Hello>, LoginError> {
     let io_err = |_| {
@@ -158,14 +160,32 @@ async fn handshake(
         match packet {
             StartupPacket::Ssl | StartupPacket::GssEnc => {
                 negotiations += 1;
-                if negotiations > 2 {
+                if negotiations > 2 || sock.is_tls() {
                     return Err(LoginError::new(
                         "08P01",
                         "too many encryption negotiation requests",
                         RejectReason::protocol,
                     ));
                 }
-                sock.write_all(b"N").await.map_err(io_err)?;
+                match (&packet, &rt.listen_tls) {
+                    (StartupPacket::Ssl, Some((acceptor, _))) => {
+                        sock.write_all(b"S").await.map_err(io_err)?;
+                        let MaybeTls::Plain(tcp) = std::mem::replace(sock, MaybeTls::Taken) else {
+                            return Ok(None);
+                        };
+                        match acceptor.accept(tcp).await {
+                            Ok(tls) => *sock = MaybeTls::Tls(Box::new(tls)),
+                            Err(e) => {
+                                tracing::info!(error = %e, "client TLS handshake failed");
+                                shared.metrics.reject(RejectReason::protocol);
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    // No TLS offered (or GSSAPI asked for): 'N', and the client goes on in
+                    // plain text or gives up.
+                    _ => sock.write_all(b"N").await.map_err(io_err)?,
+                }
             }
             StartupPacket::Cancel { pid, secret } => {
                 if let Some(client) = shared.cancels.lookup(pid, secret) {
@@ -176,6 +196,18 @@ async fn handshake(
             StartupPacket::Startup { params } => break params,
         }
     };
+    if !sock.is_tls()
+        && matches!(
+            &rt.listen_tls,
+            Some((_, crate::tls::ListenTlsMode::Require))
+        )
+    {
+        return Err(LoginError::new(
+            "28000",
+            "tidepool requires SSL for this connection (listen.tls.mode = require)",
+            RejectReason::auth,
+        ));
+    }
     if over_limit {
         return Err(LoginError::new(
             "53300",
@@ -238,7 +270,7 @@ async fn handshake(
 async fn attach(
     shared: &Arc<Shared>,
     rt: &Arc<Runtime>,
-    sock: &mut TcpStream,
+    sock: &mut ClientStream,
     hello: Hello,
 ) -> Result<LoggedIn, LoginError> {
     let Hello {
@@ -361,7 +393,7 @@ pub fn checkout_error_for_client(e: &CheckoutError) -> (&'static str, String) {
 /// knows it (for logging in to the server as the same user).
 async fn authenticate(
     rt: &Runtime,
-    sock: &mut TcpStream,
+    sock: &mut ClientStream,
     user: &str,
 ) -> Result<Option<String>, LoginError> {
     let failed = || {
@@ -451,7 +483,7 @@ async fn authenticate(
 }
 
 /// Read a PasswordMessage / SASL response ('p') during login.
-async fn read_password_message(sock: &mut TcpStream) -> Result<Vec<u8>, LoginError> {
+async fn read_password_message(sock: &mut ClientStream) -> Result<Vec<u8>, LoginError> {
     let lost = || {
         LoginError::new(
             "08006",

@@ -14,8 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
+
+use crate::tls::ClientStream;
 
 use crate::config::PoolMode;
 use crate::frontend::params;
@@ -89,7 +94,7 @@ struct Session {
 }
 
 /// Relay a logged-in client until it leaves, then settle its server and cancel key.
-pub async fn run(shared: Arc<Shared>, mut client: TcpStream, login: LoggedIn) {
+pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn) {
     let metrics = login.pool.inner.metrics.clone();
     let max_msg = shared.runtime().config.listen.max_message_size;
     let gauges = shared.metrics.client_gauges.clone();
@@ -141,7 +146,7 @@ pub async fn run(shared: Arc<Shared>, mut client: TcpStream, login: LoggedIn) {
 }
 
 impl Session {
-    async fn relay(&mut self, client: &mut TcpStream) -> Exit {
+    async fn relay(&mut self, client: &mut ClientStream) -> Exit {
         let boundary = self.shared.shutdown.boundary_token();
         let force = self.shared.shutdown.force_token();
         let mut boundary_seen = false;
@@ -180,49 +185,52 @@ impl Session {
             }
 
             let ev = {
-                let (mut cr, mut cw) = client.split();
                 let c_ready = self.c_ready;
                 let s_ready = self.s_ready;
                 let reading_client = self.force_deadline.is_none() && self.cbuf.len() < BUF_LIMIT;
-                let server = self.server.as_mut().map(|s| s.stream().split());
-                let (sr, sw) = match server {
-                    Some((r, w)) => (Some(r), Some(w)),
-                    None => (None, None),
-                };
                 let cbuf = &mut self.cbuf;
                 let sbuf = &mut self.sbuf;
-                let s_need = self.s_rem == 0 && sbuf.len() > s_ready;
-                let c2s = async {
-                    match sw {
-                        Some(mut sw) if c_ready > 0 => {
-                            Ev::ServerWrote(sw.write(&cbuf[..c_ready]).await)
-                        }
-                        _ if reading_client => {
-                            if cbuf.capacity() - cbuf.len() < 1024 {
-                                cbuf.reserve(READ_CHUNK);
+                if reading_client && c_ready == 0 && cbuf.capacity() - cbuf.len() < 1024 {
+                    cbuf.reserve(READ_CHUNK);
+                }
+                let mut server = self.server.as_mut().map(|s| s.stream());
+                if server.is_some() && s_ready == 0 && sbuf.capacity() - sbuf.len() < 1024 {
+                    sbuf.reserve(READ_CHUNK);
+                }
+                let client = &mut *client;
+                // One step per direction, polled together: write what is framed, else read.
+                // Polling by hand (rather than splitting the streams) works for TLS streams
+                // as well as plain TCP and costs nothing per iteration.
+                let io = std::future::poll_fn(|cx| {
+                    if c_ready > 0 {
+                        if let Some(sw) = server.as_mut() {
+                            if let Poll::Ready(r) =
+                                Pin::new(&mut **sw).poll_write(cx, &cbuf[..c_ready])
+                            {
+                                return Poll::Ready(Ev::ServerWrote(r));
                             }
-                            Ev::ClientRead(cr.read_buf(cbuf).await)
                         }
-                        _ => std::future::pending().await,
+                    } else if reading_client {
+                        if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
+                            return Poll::Ready(Ev::ClientRead(r));
+                        }
                     }
-                };
-                let s2c = async {
                     if s_ready > 0 {
-                        Ev::ClientWrote(cw.write(&sbuf[..s_ready]).await)
-                    } else if let Some(mut sr) = sr {
-                        let _ = s_need;
-                        if sbuf.capacity() - sbuf.len() < 1024 {
-                            sbuf.reserve(READ_CHUNK);
+                        if let Poll::Ready(r) =
+                            Pin::new(&mut *client).poll_write(cx, &sbuf[..s_ready])
+                        {
+                            return Poll::Ready(Ev::ClientWrote(r));
                         }
-                        Ev::ServerRead(sr.read_buf(sbuf).await)
-                    } else {
-                        std::future::pending().await
+                    } else if let Some(sr) = server.as_mut() {
+                        if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut **sr), cx, sbuf) {
+                            return Poll::Ready(Ev::ServerRead(r));
+                        }
                     }
-                };
+                    Poll::Pending
+                });
                 let deadline = self.force_deadline;
                 tokio::select! {
-                    ev = c2s => ev,
-                    ev = s2c => ev,
+                    ev = io => ev,
                     _ = boundary.cancelled(), if !boundary_seen => Ev::Boundary,
                     _ = force.cancelled(), if !force_seen => Ev::Force,
                     _ = sleep_until_opt(deadline), if deadline.is_some() => Ev::ForceDeadline,
@@ -315,7 +323,7 @@ impl Session {
 
     /// Borrow a server for the client's next request (transaction mode), keeping an eye on the
     /// client meanwhile. Returns an exit if the session must end.
-    async fn acquire(&mut self, client: &mut TcpStream) -> Option<Exit> {
+    async fn acquire(&mut self, client: &mut ClientStream) -> Option<Exit> {
         // Flush what the client has not been sent yet; it is small and the client is reading.
         if self.s_ready > 0 {
             if client.write_all(&self.sbuf[..self.s_ready]).await.is_err() {
@@ -520,7 +528,7 @@ impl Session {
     }
 
     /// Tell the client why the session ends, after everything it is owed.
-    async fn finish(&mut self, client: &mut TcpStream, exit: Exit) {
+    async fn finish(&mut self, client: &mut ClientStream, exit: Exit) {
         let mut out = BytesMut::new();
         match &exit {
             Exit::ClientGone => return,
