@@ -1,0 +1,162 @@
+//! TLS on both sides: a throwaway CA (openssl), Postgres with ssl=on, tidepool's TLS listener,
+//! and sslmode towards the server.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::pg::PgCluster;
+use common::tp::TidepoolProcess;
+
+struct Certs {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    /// For 127.0.0.1 / localhost.
+    good_crt: PathBuf,
+    good_key: PathBuf,
+    /// For db.example only.
+    wrong_crt: PathBuf,
+    wrong_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn make_certs() -> Certs {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=tidepool-test-ca"]);
+    for (name, cn, san) in [
+        ("good", "127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ("wrong", "db.example", "subjectAltName=DNS:db.example"),
+    ] {
+        std::fs::write(d.join(format!("{name}.ext")), san).unwrap();
+        openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}")]);
+        openssl(d, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{name}.crt"), "-days", "2", "-extfile", &format!("{name}.ext")]);
+    }
+    // Postgres (running as `postgres`) must read the key files: 0600 and owned by it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["good.key", "wrong.key"] {
+        std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let _ = Command::new("chown").arg("postgres").arg(d.join(f)).status();
+    }
+    for f in ["ca.crt", "good.crt", "wrong.crt"] {
+        std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    Certs {
+        ca: d.join("ca.crt"),
+        good_crt: d.join("good.crt"),
+        good_key: d.join("good.key"),
+        wrong_crt: d.join("wrong.crt"),
+        wrong_key: d.join("wrong.key"),
+        _dir: dir,
+    }
+}
+
+fn psql(port: u16, sslmode: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args(["-X", "-At", "-d"])
+        .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=app sslmode={sslmode} connect_timeout=5"))
+        .args(["-c", "SELECT 'ok'"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn config(pg: &PgCluster, listen_tls: &str, db_tls: &str) -> String {
+    format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\n{listen_tls}\n[admin]\naddr = \"127.0.0.1:0\"\n\
+         [auth]\nmethod = \"trust\"\n[pool]\nsize = 2\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {}\n{db_tls}\n",
+        pg.port()
+    )
+}
+
+#[test]
+fn tls_both_sides() {
+    let certs = make_certs();
+    let pg = PgCluster::start_dedicated(&[
+        "ssl=on",
+        &format!("ssl_cert_file='{}'", certs.good_crt.display()),
+        &format!("ssl_key_file='{}'", certs.good_key.display()),
+    ]);
+    pg.psql("postgres", "CREATE DATABASE app");
+    let offset = pg.log_len();
+    let listen = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\", mode = \"require\" }}",
+        certs.good_crt.display(),
+        certs.good_key.display()
+    );
+
+    // Clients must use TLS; the server connections are encrypted too (sslmode require).
+    let mut tp = TidepoolProcess::start(&config(&pg, &listen, "sslmode = \"require\""));
+    assert_eq!(psql(tp.port, "require").as_deref(), Ok("ok"));
+    let plain = psql(tp.port, "disable").unwrap_err();
+    assert!(plain.contains("requires SSL"), "{plain}");
+    let ssl = pg.psql(
+        "app",
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = 'app' AND a.pid <> pg_backend_pid()",
+    );
+    assert_eq!(ssl, "t", "tidepool's server connections are encrypted");
+    tp.signal("TERM");
+    assert_eq!(tp.wait(Duration::from_secs(10)), Some(0), "{}", tp.log());
+    let report = tp.drain_report().expect("drain report");
+    assert_eq!(report["servers_closed_hard"], 0, "{report}");
+    assert_eq!(report["leaked"], 0, "{report}");
+
+    // verify-full against the right name works, verify-ca too.
+    let full = format!("sslmode = \"verify-full\"\nsslrootcert = \"{}\"", certs.ca.display());
+    let mut tp = TidepoolProcess::start(&config(&pg, "", &full));
+    assert_eq!(psql(tp.port, "disable").as_deref(), Ok("ok"));
+    tp.signal("TERM");
+    assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
+
+    // Now Postgres presents a certificate for another host name.
+    std::fs::copy(&certs.wrong_crt, &certs.good_crt).unwrap();
+    std::fs::copy(&certs.wrong_key, &certs.good_key).unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut tp = TidepoolProcess::start(&config(&pg, "", &full));
+    let err = psql(tp.port, "disable").unwrap_err();
+    assert!(err.contains("TLS handshake with the server failed"), "{err}");
+    tp.signal("TERM");
+    assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
+    let ca = format!("sslmode = \"verify-ca\"\nsslrootcert = \"{}\"", certs.ca.display());
+    let mut tp = TidepoolProcess::start(&config(&pg, "", &ca));
+    assert_eq!(psql(tp.port, "disable").as_deref(), Ok("ok"), "verify-ca ignores the name");
+    tp.signal("TERM");
+    assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
+
+    std::thread::sleep(Duration::from_millis(300));
+    let log = pg.log_since(offset);
+    let bad = common::tp::abrupt_disconnects(&log);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+#[test]
+fn sslmode_require_fails_against_a_plain_server() {
+    let pg = PgCluster::shared();
+    let db = pg.create_db("tls_plain");
+    let text = config(pg, "", "sslmode = \"require\"").replace("[databases.app]", &format!("[databases.{db}]"));
+    let mut tp = TidepoolProcess::start(&text);
+    let out = Command::new("psql")
+        .args(["-X", "-At", "-d"])
+        .arg(format!("host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable", tp.port))
+        .args(["-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server does not support SSL"), "{err}");
+    tp.signal("TERM");
+    assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
+}
