@@ -16,7 +16,7 @@ const EX_SOFTWARE: u8 = 70;
 #[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Config file (default: $TIDEPOOL_CONFIG, else /etc/tidepool/tidepool.toml).
-    #[arg(long, env = "TIDEPOOL_CONFIG", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Run without a config file: one pool in front of postgres://USER:PASS@HOST:PORT/DB;
     /// clients log in as USER with PASS (SCRAM-SHA-256).
@@ -36,7 +36,8 @@ struct Cli {
 enum Command {
     /// Validate a config file and print the effective settings (secrets left out).
     Check {
-        #[arg(long, env = "TIDEPOOL_CONFIG", value_name = "FILE")]
+        /// Config file (default: $TIDEPOOL_CONFIG, else /etc/tidepool/tidepool.toml).
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// GET the readiness URL; exit 0 if ready (for Docker HEALTHCHECK without curl).
@@ -46,8 +47,11 @@ enum Command {
     },
 }
 
+/// `--config`, else `$TIDEPOOL_CONFIG`, else the default path. (Read by hand rather than with
+/// clap's `env`, so that the variable does not conflict with `--upstream`.)
 fn default_config_path(p: Option<PathBuf>) -> PathBuf {
-    p.unwrap_or_else(|| PathBuf::from("/etc/tidepool/tidepool.toml"))
+    p.or_else(|| std::env::var_os("TIDEPOOL_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/etc/tidepool/tidepool.toml"))
 }
 
 fn main() -> ExitCode {
@@ -183,6 +187,7 @@ fn daemon(cli: Cli) -> ExitCode {
             "tidepool starting"
         );
         let shared = server.shared.clone();
+        shared.set_addr_overrides(cli.listen, cli.admin_listen);
         let reload_shared = shared.clone();
         let signals = tokio::spawn(tidepool::shutdown::signals::listen(
             shared.shutdown.clone(),

@@ -42,9 +42,11 @@ pub struct CloseJob {
 }
 
 enum CloseKind {
-    /// Try to bring it back to idle (and run the reset query, in session mode).
+    /// Try to bring it back to idle (and run the reset query, in session mode); if it must
+    /// close after all, the reason is `closed_as` when set.
     Recover {
         reset: bool,
+        closed_as: Option<CloseReason>,
     },
     Close(CloseReason),
 }
@@ -121,8 +123,8 @@ async fn run_job(job: CloseJob, _done: Done) {
     let timeout = pool.server_close_timeout;
     let reason = match kind {
         CloseKind::Close(r) => r,
-        CloseKind::Recover { reset } => {
-            let mut reason = CloseReason::error;
+        CloseKind::Recover { reset, closed_as } => {
+            let mut reason = closed_as.unwrap_or(CloseReason::error);
             if conn.recover(timeout).await {
                 let settings = pool.settings();
                 let mut clean = true;
@@ -140,7 +142,7 @@ async fn run_job(job: CloseJob, _done: Done) {
                         Err(_) => clean = false,
                     }
                     if !clean {
-                        reason = CloseReason::reset_failed;
+                        reason = closed_as.unwrap_or(CloseReason::reset_failed);
                     }
                 }
                 if clean {
@@ -151,7 +153,7 @@ async fn run_job(job: CloseJob, _done: Done) {
                         return;
                     }
                     // Draining: close it here rather than queue another job.
-                    reason = CloseReason::drain;
+                    reason = closed_as.unwrap_or(CloseReason::drain);
                 }
             }
             reason
@@ -530,21 +532,24 @@ impl PoolInner {
         conn: ServerConn,
         permit: Option<OwnedSemaphorePermit>,
         reset: bool,
+        closed_as: Option<CloseReason>,
     ) {
         self.metrics.active.dec();
-        if self.closed.load(Ordering::Acquire) {
-            drop(permit);
-            self.send_close(conn, CloseReason::drain);
-            return;
-        }
         if !conn.is_clean() || reset {
+            // Even when draining: a connection mid-request is recovered (cancel, rollback)
+            // before its shutdown, so the server sees Terminate, not a cut-off message.
             self.metrics.closing.inc();
             self.closer.send(CloseJob {
                 conn,
                 permit,
                 pool: self.clone(),
-                kind: CloseKind::Recover { reset },
+                kind: CloseKind::Recover { reset, closed_as },
             });
+            return;
+        }
+        if self.closed.load(Ordering::Acquire) {
+            drop(permit);
+            self.send_close(conn, closed_as.unwrap_or(CloseReason::drain));
             return;
         }
         let settings = self.settings();
@@ -649,6 +654,8 @@ pub struct Checkout {
     pool: Arc<PoolInner>,
     /// Session mode: run `reset_query` before the connection is lent again.
     reset_on_return: bool,
+    /// Why, if the connection ends up closed on return (`forced` for a forced session).
+    close_reason: Option<CloseReason>,
     pub since: Instant,
 }
 
@@ -659,12 +666,18 @@ impl Checkout {
             permit: Some(permit),
             pool,
             reset_on_return: false,
+            close_reason: None,
             since: Instant::now(),
         }
     }
 
     pub fn set_reset_on_return(&mut self, reset: bool) {
         self.reset_on_return = reset;
+    }
+
+    /// The reason to count if this connection is closed when it comes back.
+    pub fn set_close_reason(&mut self, reason: CloseReason) {
+        self.close_reason = Some(reason);
     }
 
     pub fn pool_metrics(&self) -> &PoolMetrics {
@@ -711,7 +724,8 @@ impl Drop for Checkout {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             let permit = self.permit.take();
-            self.pool.give_back(conn, permit, self.reset_on_return);
+            self.pool
+                .give_back(conn, permit, self.reset_on_return, self.close_reason);
         }
     }
 }

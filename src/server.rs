@@ -114,6 +114,8 @@ pub struct Shared {
     pub upstream_ok: AtomicBool,
     pub started: Instant,
     test_panic: AtomicBool,
+    /// `--listen` / `--admin-listen`: they win over the file on reload too.
+    addr_overrides: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
 impl Shared {
@@ -197,15 +199,33 @@ impl Shared {
         v
     }
 
+    /// Record the command-line address overrides so a reload applies them again.
+    pub fn set_addr_overrides(&self, listen: Option<SocketAddr>, admin: Option<SocketAddr>) {
+        *self
+            .addr_overrides
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = (listen, admin);
+    }
+
     /// SIGHUP: read the config again; on success resize and retarget pools.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let Some(source) = &self.source else {
             return Err(ConfigError("no configuration source to reload".into()));
         };
-        let config = match source {
+        let mut config = match source {
             ConfigSource::File(path) => Config::load(path)?,
             ConfigSource::Upstream(url) => Config::from_upstream(url)?,
         };
+        let (listen, admin) = *self
+            .addr_overrides
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = listen {
+            config.listen.addr = a;
+        }
+        if let Some(a) = admin {
+            config.admin.addr = a;
+        }
         let old = self.runtime();
         if config.listen.addr != old.config.listen.addr || config.admin.addr != old.admin_addr() {
             tracing::warn!("listen.addr and admin.addr changes take effect only after a restart");
@@ -313,6 +333,7 @@ impl Server {
             upstream_ok: AtomicBool::new(false),
             started: Instant::now(),
             test_panic: AtomicBool::new(false),
+            addr_overrides: Mutex::new((None, None)),
         });
         Ok(Server {
             shared,

@@ -91,6 +91,8 @@ struct Session {
     force_deadline: Option<tokio::time::Instant>,
     /// The session was forced (drain deadline, second signal, SIGQUIT).
     forced: bool,
+    /// Session mode: when the current transaction's first request was framed.
+    txn_started: Option<std::time::Instant>,
 }
 
 /// Relay a logged-in client until it leaves, then settle its server and cancel key.
@@ -121,6 +123,7 @@ pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn)
         close_at_boundary: false,
         force_deadline: None,
         forced: false,
+        txn_started: None,
     };
     s.server = s.login.server.take();
     let exit = s.relay(&mut client).await;
@@ -435,14 +438,25 @@ impl Session {
                 b'Q' => {
                     st.expected_rfq += 1;
                     self.metrics.queries.inc();
+                    if self.txn_started.is_none() {
+                        self.txn_started = Some(std::time::Instant::now());
+                    }
                 }
                 b'S' => {
                     st.expected_rfq += 1;
                     st.in_extended = false;
                     self.metrics.queries.inc();
                 }
-                b'F' => st.expected_rfq += 1,
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => st.in_extended = true,
+                b'F' => {
+                    st.expected_rfq += 1;
+                    self.metrics.queries.inc();
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
+                    st.in_extended = true;
+                    if self.txn_started.is_none() {
+                        self.txn_started = Some(std::time::Instant::now());
+                    }
+                }
                 b'd' => {}
                 b'c' | b'f' => st.copy_in = false,
                 b'X' => {
@@ -500,6 +514,17 @@ impl Session {
                         st.txn_status = body.first().copied().unwrap_or(b'I');
                         st.copy_in = false;
                         st.copy_out = false;
+                        // Session mode: a transaction ends whenever the server is idle again
+                        // (transaction mode counts at release instead).
+                        if self.login.mode == PoolMode::Session
+                            && st.expected_rfq == 0
+                            && st.txn_status == b'I'
+                        {
+                            if let Some(t0) = self.txn_started.take() {
+                                self.metrics.transactions.inc();
+                                self.metrics.transaction_duration.observe(t0.elapsed());
+                            }
+                        }
                     } else if let Some((k, v)) = protocol::parse_parameter_status(body) {
                         server.params.set(k, v);
                         self.login.params.observe(k, v);
@@ -583,6 +608,9 @@ impl Session {
         }
         if self.c_rem > 0 {
             server.state.partial_to_server = Some((self.c_tag, self.c_rem));
+        }
+        if self.forced {
+            server.set_close_reason(crate::metrics::CloseReason::forced);
         }
         if self.s_rem > 0 || self.sbuf.len() > self.s_ready {
             // Unframed server bytes are lost with the client; the stream position is unknown.
