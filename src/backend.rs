@@ -265,8 +265,9 @@ fn set_socket_options(stream: &TcpStream) -> std::io::Result<()> {
 /// Connect to `target`, log in and wait for the first ReadyForQuery.
 ///
 /// # Cancel safety
-/// Cancelling drops a half-open TCP stream before any `ServerConn` exists; nothing leaks into
-/// the pool. Postgres logs such an abandoned login as an incomplete startup.
+/// Not cancel safe in the sense that matters here: cancelling drops a half-logged-in socket,
+/// which Postgres logs as an unexpected EOF. The pool therefore runs every login in a task of
+/// its own that always completes (`Pool::with_permit`).
 pub async fn connect(
     target: &ServerTarget,
     pool: Arc<str>,

@@ -159,8 +159,9 @@ async fn run_job(job: CloseJob, _done: Done) {
             reason
         }
     };
-    drop(permit);
+    // The slot stays taken until the server has really gone, so the size bound holds.
     pool.shutdown_conn(conn, reason).await;
+    drop(permit);
 }
 
 /// A pool of server connections for one (database, user).
@@ -179,6 +180,8 @@ pub struct PoolInner {
     connecting: AtomicUsize,
     pub metrics: PoolMetrics,
     closer: Closer,
+    /// Where server logins run (see `with_permit`); the drain waits for them.
+    tracker: TaskTracker,
     server_close_timeout: Duration,
     /// Parameters of a freshly opened connection: what a client that asks for nothing sees.
     baseline: Mutex<Option<Arc<Params>>>,
@@ -218,6 +221,7 @@ impl Pool {
         settings: PoolSettings,
         metrics: PoolMetrics,
         closer: Closer,
+        tracker: TaskTracker,
         server_close_timeout: Duration,
     ) -> Pool {
         let size = settings.size;
@@ -233,6 +237,7 @@ impl Pool {
                 connecting: AtomicUsize::new(0),
                 metrics,
                 closer,
+                tracker,
                 server_close_timeout,
                 baseline: Mutex::new(None),
                 closed: AtomicBool::new(false),
@@ -338,27 +343,46 @@ impl Pool {
             inner.metrics.active.inc();
             return Ok(Checkout::new(conn, permit, inner.clone()));
         }
-        let target = self.target();
-        let generation = inner.generation.load(Ordering::Acquire);
-        let _c = Counted::new(&inner.connecting);
-        let conn = backend::connect(
-            &target,
-            inner.name.clone(),
-            inner.metrics.leaked.clone(),
-            settings.connect_timeout,
-        )
-        .await?;
-        inner.metrics.opened.inc();
-        lock(&inner.conn_generation).insert(conn.id, generation);
-        {
-            let mut b = lock(&inner.baseline);
-            if b.is_none() {
-                *b = Some(Arc::new(conn.params.clone()));
+        // Log in to a new server in a task of its own that owns the slot: if the client
+        // waiting for it goes away meanwhile, the login still completes and the connection is
+        // parked as idle, instead of a half-logged-in socket being dropped (which Postgres
+        // would log as an unexpected EOF).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pool = self.clone();
+        let connect_timeout = settings.connect_timeout;
+        self.inner.tracker.spawn(async move {
+            let inner = &pool.inner;
+            let target = pool.target();
+            let generation = inner.generation.load(Ordering::Acquire);
+            let _c = Counted::new(&inner.connecting);
+            let r = backend::connect(
+                &target,
+                inner.name.clone(),
+                inner.metrics.leaked.clone(),
+                connect_timeout,
+            )
+            .await;
+            let conn = match r {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(CheckoutError::Connect(e)));
+                    return;
+                }
+            };
+            inner.metrics.opened.inc();
+            lock(&inner.conn_generation).insert(conn.id, generation);
+            {
+                let mut b = lock(&inner.baseline);
+                if b.is_none() {
+                    *b = Some(Arc::new(conn.params.clone()));
+                }
             }
-        }
-        tracing::debug!(conn.id = conn.id, pool = %inner.name, pid = conn.key.pid, "server connection opened");
-        inner.metrics.active.inc();
-        Ok(Checkout::new(conn, permit, inner.clone()))
+            tracing::debug!(conn.id = conn.id, pool = %inner.name, pid = conn.key.pid, "server connection opened");
+            inner.metrics.active.inc();
+            // If nobody waits any more, the returned Checkout drops here: back to idle.
+            let _ = tx.send(Ok(Checkout::new(conn, permit, inner.clone())));
+        });
+        rx.await.unwrap_or(Err(CheckoutError::Closed))
     }
 
     /// Idle, active (checked out) and waiting counts.

@@ -167,6 +167,7 @@ impl Shared {
             settings,
             self.metrics.pool(&name),
             self.closer.clone(),
+            self.tracker.clone(),
             rt.config.drain.server_close_timeout,
         );
         tracing::info!(pool = %name, "pool created");

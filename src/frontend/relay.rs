@@ -25,7 +25,7 @@ use crate::tls::ClientStream;
 use crate::config::PoolMode;
 use crate::frontend::params;
 use crate::frontend::LoggedIn;
-use crate::metrics::PoolMetrics;
+use crate::metrics::{ClientGauges, ClientState, PoolMetrics};
 use crate::pool::Checkout;
 use crate::protocol::{self, Severity};
 use crate::server::Shared;
@@ -93,20 +93,42 @@ struct Session {
     forced: bool,
     /// Session mode: when the current transaction's first request was framed.
     txn_started: Option<std::time::Instant>,
+    /// Which `tidepool_client_connections{state}` gauge counts this client now.
+    gauge: ClientState,
+}
+
+fn gauge_of(g: &ClientGauges, state: ClientState) -> &prometheus_client::metrics::gauge::Gauge {
+    match state {
+        ClientState::active => &g.active,
+        ClientState::idle => &g.idle,
+        ClientState::waiting => &g.waiting,
+    }
+}
+
+/// # Drop behaviour
+///
+/// Settles the client's gauge and unregisters its cancel key, so that a session task that
+/// panics leaves the metrics and the cancel registry right. (The server it held, if any, is
+/// returned by the `Checkout`'s own `Drop`.)
+impl Drop for Session {
+    fn drop(&mut self) {
+        gauge_of(&self.shared.metrics.client_gauges, self.gauge).dec();
+        self.shared.cancels.unregister(self.login.key);
+    }
 }
 
 /// Relay a logged-in client until it leaves, then settle its server and cancel key.
 pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn) {
     let metrics = login.pool.inner.metrics.clone();
     let max_msg = shared.runtime().config.listen.max_message_size;
-    let gauges = shared.metrics.client_gauges.clone();
-    let holds = login.server.is_some();
-    if holds {
-        gauges.active.inc();
+    let gauge = if login.server.is_some() {
+        ClientState::active
     } else {
-        gauges.idle.inc();
-    }
+        ClientState::idle
+    };
+    gauge_of(&shared.metrics.client_gauges, gauge).inc();
     let mut s = Session {
+        gauge,
         shared: shared.clone(),
         server: None,
         login,
@@ -138,13 +160,8 @@ pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn)
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     s.finish(&mut client, exit).await;
-    if s.server.is_some() {
-        gauges.active.dec();
-    } else {
-        gauges.idle.dec();
-    }
     s.hand_off().await;
-    shared.cancels.unregister(s.login.key);
+    // Dropping the session settles its gauge and cancel key (also when the task panics).
     tracing::info!(user = %s.login.user, database = %s.login.database, "client disconnected");
 }
 
@@ -155,7 +172,7 @@ impl Session {
         let mut boundary_seen = false;
         let mut force_seen = false;
         loop {
-            if self.shared.take_test_panic() && self.server.is_some() {
+            if self.server.is_some() && self.shared.take_test_panic() {
                 panic!("test hook: session task panics while holding a server");
             }
             // Closing: leave as soon as the client is at a transaction boundary.
@@ -336,9 +353,7 @@ impl Session {
             self.sbuf.advance(self.s_ready);
             self.s_ready = 0;
         }
-        let gauges = &self.shared.metrics.client_gauges;
-        gauges.idle.dec();
-        gauges.waiting.inc();
+        self.set_gauge(ClientState::waiting);
         let result = {
             let checkout = self.login.pool.checkout();
             tokio::pin!(checkout);
@@ -358,20 +373,19 @@ impl Session {
                 }
             }
         };
-        gauges.waiting.dec();
         let mut server = match result {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                gauges.idle.inc();
+                self.set_gauge(ClientState::idle);
                 let (code, msg) = super::checkout_error_for_client(&e);
                 return Some(Exit::Checkout(code.to_string(), msg));
             }
             Err(exit) => {
-                gauges.idle.inc();
+                self.set_gauge(ClientState::idle);
                 return Some(exit);
             }
         };
-        gauges.active.inc();
+        self.set_gauge(ClientState::active);
         let timeout = self.shared.runtime().config.drain.server_close_timeout;
         if let Err((code, msg)) = params::sync(&mut server, &mut self.login.params, timeout).await {
             self.server = Some(server);
@@ -396,10 +410,15 @@ impl Session {
         self.metrics
             .transaction_duration
             .observe(server.since.elapsed());
-        let gauges = &self.shared.metrics.client_gauges;
-        gauges.active.dec();
-        gauges.idle.inc();
+        self.set_gauge(ClientState::idle);
         drop(server);
+    }
+
+    fn set_gauge(&mut self, to: ClientState) {
+        let g = &self.shared.metrics.client_gauges;
+        gauge_of(g, self.gauge).dec();
+        gauge_of(g, to).inc();
+        self.gauge = to;
     }
 
     fn releasable(&self) -> bool {
