@@ -22,28 +22,93 @@ struct Certs {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn make_certs() -> Certs {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=tidepool-test-ca"]);
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tidepool-test-ca",
+        ],
+    );
     for (name, cn, san) in [
-        ("good", "127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        (
+            "good",
+            "127.0.0.1",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ),
         ("wrong", "db.example", "subjectAltName=DNS:db.example"),
     ] {
         std::fs::write(d.join(format!("{name}.ext")), san).unwrap();
-        openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}")]);
-        openssl(d, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{name}.crt"), "-days", "2", "-extfile", &format!("{name}.ext")]);
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
     }
     // Postgres (running as `postgres`) must read the key files: 0600 and owned by it.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     for f in ["good.key", "wrong.key"] {
         std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
-        let _ = Command::new("chown").arg("postgres").arg(d.join(f)).status();
+        let _ = Command::new("chown")
+            .arg("postgres")
+            .arg(d.join(f))
+            .status();
     }
     for f in ["ca.crt", "good.crt", "wrong.crt"] {
         std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -115,7 +180,10 @@ fn tls_both_sides() {
     assert_eq!(report["leaked"], 0, "{report}");
 
     // verify-full against the right name works, verify-ca too.
-    let full = format!("sslmode = \"verify-full\"\nsslrootcert = \"{}\"", certs.ca.display());
+    let full = format!(
+        "sslmode = \"verify-full\"\nsslrootcert = \"{}\"",
+        certs.ca.display()
+    );
     let mut tp = TidepoolProcess::start(&config(&pg, "", &full));
     assert_eq!(psql(tp.port, "disable").as_deref(), Ok("ok"));
     tp.signal("TERM");
@@ -128,12 +196,22 @@ fn tls_both_sides() {
     std::thread::sleep(Duration::from_millis(300));
     let mut tp = TidepoolProcess::start(&config(&pg, "", &full));
     let err = psql(tp.port, "disable").unwrap_err();
-    assert!(err.contains("TLS handshake with the server failed"), "{err}");
+    assert!(
+        err.contains("TLS handshake with the server failed"),
+        "{err}"
+    );
     tp.signal("TERM");
     assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
-    let ca = format!("sslmode = \"verify-ca\"\nsslrootcert = \"{}\"", certs.ca.display());
+    let ca = format!(
+        "sslmode = \"verify-ca\"\nsslrootcert = \"{}\"",
+        certs.ca.display()
+    );
     let mut tp = TidepoolProcess::start(&config(&pg, "", &ca));
-    assert_eq!(psql(tp.port, "disable").as_deref(), Ok("ok"), "verify-ca ignores the name");
+    assert_eq!(
+        psql(tp.port, "disable").as_deref(),
+        Ok("ok"),
+        "verify-ca ignores the name"
+    );
     tp.signal("TERM");
     assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
 
@@ -147,11 +225,15 @@ fn tls_both_sides() {
 fn sslmode_require_fails_against_a_plain_server() {
     let pg = PgCluster::shared();
     let db = pg.create_db("tls_plain");
-    let text = config(pg, "", "sslmode = \"require\"").replace("[databases.app]", &format!("[databases.{db}]"));
+    let text = config(pg, "", "sslmode = \"require\"")
+        .replace("[databases.app]", &format!("[databases.{db}]"));
     let mut tp = TidepoolProcess::start(&text);
     let out = Command::new("psql")
         .args(["-X", "-At", "-d"])
-        .arg(format!("host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable", tp.port))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable",
+            tp.port
+        ))
         .args(["-c", "SELECT 1"])
         .output()
         .unwrap();
