@@ -228,6 +228,8 @@ pub struct ServerConn {
     /// Client bytes the relay had framed for this server but not yet written when the client
     /// went away; recovery writes them first so the server's input ends on a message boundary.
     pub pending: Option<BytesMut>,
+    /// Transaction mode: the named statements tidepool prepared on this server.
+    pub stmts: crate::frontend::prepared::ServerStmts,
     leaked: Counter,
 }
 
@@ -413,6 +415,7 @@ async fn connect_inner(
                     params,
                     applied: Params::default(),
                     pending: None,
+                    stmts: Default::default(),
                     leaked,
                 });
             }

@@ -178,6 +178,8 @@ pub struct PoolDefaults {
     pub reset_query: String,
     /// Clients allowed to wait for a server per pool; beyond it a client gets an error at once.
     pub max_waiting: usize,
+    /// Transaction mode: named statements kept prepared per server connection (LRU beyond).
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolDefaults {
@@ -192,6 +194,7 @@ impl Default for PoolDefaults {
             connect_timeout: Duration::from_secs(5),
             reset_query: "DISCARD ALL".to_string(),
             max_waiting: 10_000,
+            max_prepared_statements: 200,
         }
     }
 }
@@ -275,6 +278,7 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub reset_query: String,
     pub max_waiting: usize,
+    pub max_prepared_statements: usize,
 }
 
 impl Config {
@@ -385,6 +389,9 @@ impl Config {
         if self.listen.login_timeout.is_zero() {
             return err("listen.login_timeout", "must be greater than 0");
         }
+        if self.pool.max_prepared_statements == 0 {
+            return err("pool.max_prepared_statements", "must be at least 1");
+        }
         if self.listen.max_message_size < 1024 {
             return err("listen.max_message_size", "must be at least 1024 bytes");
         }
@@ -470,6 +477,7 @@ impl Config {
                 .and_then(|d| d.reset_query.clone())
                 .unwrap_or_else(|| p.reset_query.clone()),
             max_waiting: p.max_waiting,
+            max_prepared_statements: p.max_prepared_statements,
         }
     }
 

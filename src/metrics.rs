@@ -93,6 +93,20 @@ pub struct PoolOutcomeLabel {
     pub outcome: ShutdownOutcomeLabel,
 }
 
+/// `outcome` label of `tidepool_prepared_parses_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ParseOutcome {
+    forwarded,
+    avoided,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolParseLabel {
+    pub pool: String,
+    pub outcome: ParseOutcome,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolStateLabel {
     pub pool: String,
@@ -219,6 +233,7 @@ pub struct Metrics {
     pub bytes_received: Family<PoolLabel, Counter>,
     pub bytes_sent: Family<PoolLabel, Counter>,
     pub shutdowns: Family<PoolOutcomeLabel, Counter>,
+    pub parses: Family<PoolParseLabel, Counter>,
     pub draining: Gauge,
     pub client_gauges: ClientGauges,
 }
@@ -336,6 +351,12 @@ impl Metrics {
             "Server connection closes by outcome: clean (Terminate sent, server closed) or hard",
             shutdowns.clone(),
         );
+        let parses = Family::<PoolParseLabel, Counter>::default();
+        registry.register(
+            "tidepool_prepared_parses",
+            "Transaction mode: Parse messages sent to servers (forwarded) or answered from the statement cache (avoided)",
+            parses.clone(),
+        );
         let draining = Gauge::default();
         registry.register(
             "tidepool_draining",
@@ -386,6 +407,7 @@ impl Metrics {
             bytes_received,
             bytes_sent,
             shutdowns,
+            parses,
             draining,
             client_gauges,
         }
@@ -435,6 +457,20 @@ impl Metrics {
                 &PoolOutcomeLabel {
                     pool: pool.to_string(),
                     outcome: ShutdownOutcomeLabel::hard,
+                },
+            ),
+            parses_forwarded: handle(
+                &self.parses,
+                &PoolParseLabel {
+                    pool: pool.to_string(),
+                    outcome: ParseOutcome::forwarded,
+                },
+            ),
+            parses_avoided: handle(
+                &self.parses,
+                &PoolParseLabel {
+                    pool: pool.to_string(),
+                    outcome: ParseOutcome::avoided,
                 },
             ),
         }
@@ -560,6 +596,8 @@ pub struct PoolMetrics {
     pub bytes_sent: Counter,
     pub shutdown_clean: Counter,
     pub shutdown_hard: Counter,
+    pub parses_forwarded: Counter,
+    pub parses_avoided: Counter,
 }
 
 impl PoolMetrics {
@@ -612,6 +650,6 @@ mod tests {
                     .contains("tidepool_checkout_wait_seconds_bucket{pool=\"p\",le=\"0.0001\"} 1"),
             "{text}"
         );
-        assert!(text.contains("le=\"+Inf\"} 2"), "{text}");
+        assert!(text.contains("le=\"+Inf\",pool=\"p\"} 2"), "{text}");
     }
 }

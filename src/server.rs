@@ -104,6 +104,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub closer: Closer,
     pub cancels: CancelRegistry,
+    /// Every distinct prepared statement (transaction mode), shared by all clients.
+    pub statements: crate::frontend::prepared::Registry,
     clients: AtomicUsize,
     /// Every long-lived task and every closer job; the drain waits on it.
     pub tracker: TaskTracker,
@@ -328,6 +330,7 @@ impl Server {
             closer,
             closer_stop,
             cancels: CancelRegistry::new(),
+            statements: Default::default(),
             clients: AtomicUsize::new(0),
             tracker,
             shutdown: Arc::new(Shutdown::new()),

@@ -7,6 +7,7 @@
 
 pub mod cancel;
 pub mod params;
+pub mod prepared;
 pub mod relay;
 
 use std::net::SocketAddr;

@@ -236,7 +236,9 @@ mod tests {
     #[test]
     fn server_set_is_lru_bounded() {
         let r = Registry::default();
-        let s: Vec<_> = (0..3).map(|i| r.intern(format!("q{i}\0\0\0").as_bytes())).collect();
+        let s: Vec<_> = (0..3)
+            .map(|i| r.intern(format!("q{i}\0\0\0").as_bytes()))
+            .collect();
         let mut set = ServerStmts::default();
         assert!(set.add(s[0].clone(), 2).is_none());
         assert!(set.add(s[1].clone(), 2).is_none());

@@ -23,7 +23,12 @@ use tokio_util::io::poll_read_buf;
 use crate::tls::ClientStream;
 
 use crate::config::PoolMode;
+use std::collections::{HashMap, VecDeque};
+
+use bytes::BufMut;
+
 use crate::frontend::params;
+use crate::frontend::prepared::{self, Action, Kind, Pending, Stmt};
 use crate::frontend::LoggedIn;
 use crate::metrics::{ClientGauges, ClientState, PoolMetrics};
 use crate::pool::Checkout;
@@ -95,6 +100,11 @@ struct Session {
     txn_started: Option<std::time::Instant>,
     /// Which `tidepool_client_connections{state}` gauge counts this client now.
     gauge: ClientState,
+    /// Transaction mode: requests sent and the replies they wait for (see `prepared`).
+    track: bool,
+    pending: VecDeque<Pending>,
+    /// Transaction mode: the client's statement names.
+    stmts: HashMap<Vec<u8>, Arc<Stmt>>,
 }
 
 fn gauge_of(g: &ClientGauges, state: ClientState) -> &prometheus_client::metrics::gauge::Gauge {
@@ -127,8 +137,12 @@ pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn)
         ClientState::idle
     };
     gauge_of(&shared.metrics.client_gauges, gauge).inc();
+    let track = login.mode == PoolMode::Transaction;
     let mut s = Session {
         gauge,
+        track,
+        pending: VecDeque::new(),
+        stmts: HashMap::new(),
         shared: shared.clone(),
         server: None,
         login,
@@ -405,6 +419,7 @@ impl Session {
         let Some(server) = self.server.take() else {
             return;
         };
+
         self.login.shared.release().await;
         self.metrics.transactions.inc();
         self.metrics
@@ -423,6 +438,7 @@ impl Session {
 
     fn releasable(&self) -> bool {
         self.login.mode == PoolMode::Transaction
+            && self.pending.is_empty()
             && self.server.as_ref().is_some_and(|s| s.is_clean())
             && self.c_ready == 0
             && self.c_rem == 0
@@ -433,10 +449,9 @@ impl Session {
     /// Frame client bytes from `c_ready` on; update the server's protocol state. Returns
     /// Ok(false) on Terminate.
     fn scan_client(&mut self) -> Result<bool, String> {
-        let Some(server) = self.server.as_mut() else {
+        if self.server.is_none() {
             return Ok(true);
-        };
-        let st = &mut server.state;
+        }
         loop {
             let avail = self.cbuf.len() - self.c_ready;
             if self.c_rem > 0 {
@@ -453,6 +468,28 @@ impl Session {
                 Ok(None) => return Ok(true),
                 Err(e) => return Err(e.to_string()),
             };
+            if self.track {
+                match self.track_client(h, avail)? {
+                    Tracked::NeedMore => return Ok(true),
+                    Tracked::Rewritten(len) => {
+                        self.c_tag = h.tag;
+                        self.c_ready += len;
+                        if self.txn_started.is_none() {
+                            self.txn_started = Some(std::time::Instant::now());
+                        }
+                        if let Some(server) = self.server.as_mut() {
+                            server.state.in_extended = true;
+                        }
+                        self.emit_synths();
+                        continue;
+                    }
+                    Tracked::PassOn => {}
+                }
+            }
+            let Some(server) = self.server.as_mut() else {
+                return Ok(true);
+            };
+            let st = &mut server.state;
             match h.tag {
                 b'Q' => {
                     st.expected_rfq += 1;
@@ -498,9 +535,9 @@ impl Session {
 
     /// Frame server bytes from `s_ready` on, tracking ReadyForQuery, COPY and ParameterStatus.
     fn scan_server(&mut self) -> Result<(), String> {
-        let Some(server) = self.server.as_mut() else {
+        if self.server.is_none() {
             return Ok(());
-        };
+        }
         loop {
             let avail = self.sbuf.len() - self.s_ready;
             if self.s_rem > 0 {
@@ -516,6 +553,17 @@ impl Session {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
+            };
+            if self.track && !matches!(h.tag, b'N' | b'S' | b'A') {
+                match self.track_server(h, avail)? {
+                    Tracked::NeedMore => return Ok(()),
+                    // Synthesised replies were inserted, or a hidden one removed: look again.
+                    Tracked::Rewritten(_) => continue,
+                    Tracked::PassOn => {}
+                }
+            }
+            let Some(server) = self.server.as_mut() else {
+                return Ok(());
             };
             let st = &mut server.state;
             match h.tag {
@@ -569,6 +617,232 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// Transaction mode: queue every request with the reply that completes it, and handle
+    /// named statements (see `prepared`). Parse/Bind/Describe/Close are rewritten in place.
+    fn track_client(&mut self, h: protocol::Header, avail: usize) -> Result<Tracked, String> {
+        let at = self.c_ready;
+        let kind = match h.tag {
+            b'Q' | b'F' => {
+                if h.tag == b'Q' {
+                    let want = h.total.min(5 + 64);
+                    if avail < want {
+                        self.cbuf.reserve(want - avail);
+                        return Ok(Tracked::NeedMore);
+                    }
+                    if prepared::drops_all_statements(&self.cbuf[at + 5..at + want]) {
+                        self.stmts.clear();
+                        if let Some(server) = self.server.as_mut() {
+                            server.stmts.clear();
+                        }
+                    }
+                }
+                Kind::Query
+            }
+            b'S' => Kind::Sync,
+            b'E' => Kind::Execute,
+            b'P' | b'B' | b'D' | b'C' => {
+                if avail < h.total {
+                    self.cbuf.reserve(h.total - avail);
+                    return Ok(Tracked::NeedMore);
+                }
+                let len = self.rewrite_named(h)?;
+                return Ok(Tracked::Rewritten(len));
+            }
+            _ => return Ok(Tracked::PassOn),
+        };
+        self.pending.push_back(Pending::forward(kind));
+        Ok(Tracked::PassOn)
+    }
+
+    /// Rewrite one whole Parse/Bind/Describe/Close at `c_ready`; returns the length of what
+    /// replaces it (0 when nothing is sent).
+    fn rewrite_named(&mut self, h: protocol::Header) -> Result<usize, String> {
+        let at = self.c_ready;
+        let msg = &self.cbuf[at..at + h.total];
+        let bad = || format!("malformed message '{}'", h.tag as char);
+        let cap = self.login.pool.settings().max_prepared_statements;
+        let mut out = BytesMut::new();
+        match h.tag {
+            b'P' => {
+                let (name, after) = prepared::cstr(msg, 5).ok_or_else(bad)?;
+                if name.is_empty() {
+                    self.pending.push_back(Pending::forward(Kind::Parse));
+                    return Ok(h.total);
+                }
+                let stmt = self.shared.statements.intern(&msg[after..]);
+                let name = name.to_vec();
+                let server = self.server.as_mut().ok_or_else(bad)?;
+                if server.stmts.has(stmt.id) {
+                    self.metrics.parses_avoided.inc();
+                    self.pending.push_back(Pending {
+                        kind: Kind::Parse,
+                        action: Action::Synth(b'1'),
+                        parsed: None,
+                        uses: None,
+                    });
+                } else {
+                    self.metrics.parses_forwarded.inc();
+                    prepare_on(server, &stmt, cap, &mut out, &mut self.pending, false);
+                }
+                self.stmts.insert(name, stmt);
+            }
+            b'B' | b'D' => {
+                // Bind: portal, statement. Describe: 'S' or 'P', then the name.
+                let (name, name_at, name_end) = if h.tag == b'B' {
+                    let (_, after_portal) = prepared::cstr(msg, 5).ok_or_else(bad)?;
+                    let (n, end) = prepared::cstr(msg, after_portal).ok_or_else(bad)?;
+                    (n, after_portal, end)
+                } else {
+                    if msg.get(5) != Some(&b'S') {
+                        self.pending.push_back(Pending::forward(Kind::Describe));
+                        return Ok(h.total);
+                    }
+                    let (n, end) = prepared::cstr(msg, 6).ok_or_else(bad)?;
+                    (n, 6, end)
+                };
+                let kind = if h.tag == b'B' {
+                    Kind::Bind
+                } else {
+                    Kind::Describe
+                };
+                let Some(stmt) = (!name.is_empty())
+                    .then(|| self.stmts.get(name))
+                    .flatten()
+                    .cloned()
+                else {
+                    // Unnamed or unknown to us: as is (Postgres answers for an unknown name).
+                    self.pending.push_back(Pending::forward(kind));
+                    return Ok(h.total);
+                };
+                let server = self.server.as_mut().ok_or_else(bad)?;
+                if !server.stmts.has(stmt.id) {
+                    self.metrics.parses_forwarded.inc();
+                    prepare_on(server, &stmt, cap, &mut out, &mut self.pending, true);
+                }
+                // The message with the server-side name.
+                let new_len = h.total - (name_end - name_at) + stmt.name.len() + 1;
+                out.put_u8(h.tag);
+                out.put_u32((new_len - 1) as u32);
+                out.put_slice(&msg[5..name_at]);
+                out.put_slice(stmt.name.as_bytes());
+                out.put_u8(0);
+                out.put_slice(&msg[name_end..]);
+                self.pending.push_back(Pending {
+                    kind,
+                    action: Action::Forward,
+                    parsed: None,
+                    uses: Some(stmt.id),
+                });
+            }
+            b'C' => {
+                if msg.get(5) != Some(&b'S') {
+                    self.pending.push_back(Pending::forward(Kind::Close));
+                    return Ok(h.total);
+                }
+                let (name, _) = prepared::cstr(msg, 6).ok_or_else(bad)?;
+                if name.is_empty() {
+                    self.pending.push_back(Pending::forward(Kind::Close));
+                    return Ok(h.total);
+                }
+                // The server keeps it for other clients; the client's name is gone.
+                self.stmts.remove(name);
+                self.pending.push_back(Pending {
+                    kind: Kind::Close,
+                    action: Action::Synth(b'3'),
+                    parsed: None,
+                    uses: None,
+                });
+            }
+            _ => return Ok(h.total),
+        }
+        splice(&mut self.cbuf, at, h.total, &out);
+        Ok(out.len())
+    }
+
+    /// Transaction mode, one server message at `s_ready` (not an asynchronous one): place
+    /// synthesised replies before it, hide replies to tidepool's own requests, and keep the
+    /// request queue in step, including the skip-to-Sync after an error.
+    fn track_server(&mut self, h: protocol::Header, avail: usize) -> Result<Tracked, String> {
+        if self.emit_synths() {
+            return Ok(Tracked::Rewritten(0));
+        }
+        let Some(head) = self.pending.front() else {
+            return Ok(Tracked::PassOn);
+        };
+        if h.tag == b'E' {
+            if head.kind == Kind::Query {
+                return Ok(Tracked::PassOn);
+            }
+            if avail < h.total {
+                self.sbuf.reserve(h.total - avail);
+                return Ok(Tracked::NeedMore);
+            }
+            let (code, _) =
+                protocol::parse_error_fields(&self.sbuf[self.s_ready + 5..self.s_ready + h.total]);
+            let server = self.server.as_mut().ok_or("no server")?;
+            // The server now skips everything up to the next Sync (55.2.3).
+            while let Some(p) = self.pending.front() {
+                if p.kind == Kind::Sync {
+                    break;
+                }
+                let p = self.pending.pop_front().expect("front exists");
+                if let Some(id) = p.parsed {
+                    server.stmts.remove(id);
+                }
+                if let Action::Hide(Some(id)) = p.action {
+                    server.stmts.remove(id);
+                }
+                // A stale plan (0A000) or a statement the server lost (26000): prepare it
+                // afresh next time.
+                if let (Some(id), "0A000" | "26000") = (p.uses, code.as_str()) {
+                    server.stmts.remove(id);
+                }
+            }
+            return Ok(Tracked::PassOn);
+        }
+        if !head.kind.completed_by(h.tag) {
+            return Ok(Tracked::PassOn);
+        }
+        let head = self.pending.pop_front().expect("front exists");
+        if let Action::Hide(_) = head.action {
+            if avail < h.total {
+                // Put it back and wait for the whole (5-byte) reply.
+                self.pending.push_front(head);
+                self.sbuf.reserve(h.total - avail);
+                return Ok(Tracked::NeedMore);
+            }
+            splice(&mut self.sbuf, self.s_ready, h.total, &[]);
+            return Ok(Tracked::Rewritten(0));
+        }
+        Ok(Tracked::PassOn)
+    }
+
+    /// Emit the synthesised replies at the head of the queue (their turn has come: every
+    /// earlier reply has been framed). Returns true if any was emitted.
+    fn emit_synths(&mut self) -> bool {
+        let mut out = [0u8; 5 * 8];
+        let mut n = 0;
+        while n < 8 {
+            match self.pending.front() {
+                Some(Pending {
+                    action: Action::Synth(tag),
+                    ..
+                }) => {
+                    out[n * 5..n * 5 + 5].copy_from_slice(&[*tag, 0, 0, 0, 4]);
+                    n += 1;
+                    self.pending.pop_front();
+                }
+                _ => break,
+            }
+        }
+        if n == 0 {
+            return false;
+        }
+        splice(&mut self.sbuf, self.s_ready, 0, &out[..n * 5]);
+        self.s_ready += n * 5;
+        true
     }
 
     /// Tell the client why the session ends, after everything it is owed.
@@ -628,6 +902,12 @@ impl Session {
         if self.c_rem > 0 {
             server.state.partial_to_server = Some((self.c_tag, self.c_rem));
         }
+        if !self.pending.is_empty() {
+            // Replies never seen: what the server prepared is uncertain. Forgetting is safe
+            // (every Parse tidepool sends is preceded by a Close of the same name).
+            server.stmts.clear();
+            self.pending.clear();
+        }
         if self.forced {
             server.set_close_reason(crate::metrics::CloseReason::forced);
         }
@@ -651,5 +931,86 @@ async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
     match d {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// What tracking made of a message.
+enum Tracked {
+    /// The whole message is needed and not there yet.
+    NeedMore,
+    /// Replaced by this many bytes (already accounted for).
+    Rewritten(usize),
+    /// Handle as usual.
+    PassOn,
+}
+
+/// Queue `Close` + `Parse` of `stmt` on `server` (evicting the least recently used statement
+/// beyond `cap` with a Close). The Close first makes the Parse safe even if the server still
+/// holds a stale copy under that name (a Close of a missing statement is not an error).
+fn prepare_on(
+    server: &mut crate::pool::Checkout,
+    stmt: &Arc<Stmt>,
+    cap: usize,
+    out: &mut BytesMut,
+    pending: &mut VecDeque<Pending>,
+    hidden: bool,
+) {
+    let hide = |kind| Pending {
+        kind,
+        action: Action::Hide(None),
+        parsed: None,
+        uses: None,
+    };
+    if let Some(evicted) = server.stmts.add(stmt.clone(), cap) {
+        prepared::put_close_stmt(out, &evicted.name);
+        pending.push_back(hide(Kind::Close));
+    }
+    prepared::put_close_stmt(out, &stmt.name);
+    pending.push_back(hide(Kind::Close));
+    prepared::put_parse(out, stmt);
+    pending.push_back(Pending {
+        kind: Kind::Parse,
+        action: if hidden {
+            Action::Hide(Some(stmt.id))
+        } else {
+            Action::Forward
+        },
+        parsed: Some(stmt.id),
+        uses: None,
+    });
+}
+
+/// Replace `remove` bytes at `at` with `insert`, moving the tail in place (no allocation
+/// unless the buffer must grow).
+fn splice(buf: &mut BytesMut, at: usize, remove: usize, insert: &[u8]) {
+    let old_len = buf.len();
+    let tail = at + remove;
+    if insert.len() > remove {
+        let grow = insert.len() - remove;
+        buf.resize(old_len + grow, 0);
+        buf.copy_within(tail..old_len, tail + grow);
+    } else if insert.len() < remove {
+        let shrink = remove - insert.len();
+        buf.copy_within(tail..old_len, tail - shrink);
+        buf.truncate(old_len - shrink);
+    }
+    buf[at..at + insert.len()].copy_from_slice(insert);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_grows_shrinks_and_replaces() {
+        let mut b = BytesMut::from(&b"abcdef"[..]);
+        splice(&mut b, 2, 1, b"XYZ");
+        assert_eq!(&b[..], b"abXYZdef");
+        splice(&mut b, 2, 3, b"Q");
+        assert_eq!(&b[..], b"abQdef");
+        splice(&mut b, 0, 0, b"__");
+        assert_eq!(&b[..], b"__abQdef");
+        splice(&mut b, 6, 2, b"");
+        assert_eq!(&b[..], b"__abQd");
     }
 }
