@@ -241,6 +241,17 @@ impl<T> MaybeTls<T> {
     pub fn is_tls(&self) -> bool {
         matches!(self, MaybeTls::Tls(_))
     }
+
+    /// Ready when the socket has data to read (plain TCP). Under TLS, decrypted bytes may
+    /// already be buffered, so it is always ready. Lets an idle session wait for input without
+    /// holding a read buffer.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            MaybeTls::Plain(s) => s.poll_read_ready(cx),
+            MaybeTls::Tls(_) => Poll::Ready(Ok(())),
+            MaybeTls::Taken => Poll::Ready(Err(taken())),
+        }
+    }
 }
 
 /// Access to the TCP socket under a TLS stream.

@@ -210,6 +210,7 @@ impl Session {
                     return exit;
                 }
             }
+            self.shed_buffers();
             if self.server.is_some() {
                 match self.scan_client() {
                     Ok(true) => {}
@@ -222,9 +223,12 @@ impl Session {
                 let c_ready = self.c_ready;
                 let s_ready = self.s_ready;
                 let reading_client = self.force_deadline.is_none() && self.cbuf.len() < BUF_LIMIT;
+                // A session holding no server and no bytes keeps no buffers: an idle client
+                // costs no read buffer until it sends something (see `shed_buffers`).
+                let idle = self.server.is_none() && self.cbuf.capacity() == 0;
                 let cbuf = &mut self.cbuf;
                 let sbuf = &mut self.sbuf;
-                if reading_client && c_ready == 0 && cbuf.capacity() - cbuf.len() < 1024 {
+                if reading_client && !idle && c_ready == 0 && cbuf.capacity() - cbuf.len() < 1024 {
                     cbuf.reserve(READ_CHUNK);
                 }
                 let mut server = self.server.as_mut().map(|s| s.stream());
@@ -245,8 +249,23 @@ impl Session {
                             }
                         }
                     } else if reading_client {
-                        if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
-                            return Poll::Ready(Ev::ClientRead(r));
+                        let ready = if cbuf.capacity() == 0 {
+                            match client.poll_read_ready(cx) {
+                                Poll::Ready(Ok(())) => {
+                                    cbuf.reserve(READ_CHUNK);
+                                    true
+                                }
+                                Poll::Ready(Err(e)) => return Poll::Ready(Ev::ClientRead(Err(e))),
+                                Poll::Pending => false,
+                            }
+                        } else {
+                            true
+                        };
+                        if ready {
+                            if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf)
+                            {
+                                return Poll::Ready(Ev::ClientRead(r));
+                            }
                         }
                     }
                     if s_ready > 0 {
@@ -427,6 +446,19 @@ impl Session {
             .observe(server.since.elapsed());
         self.set_gauge(ClientState::idle);
         drop(server);
+    }
+
+    /// Between transactions, give the buffers back: thousands of idle clients then cost only
+    /// their session state (the memory goal of the benchmark issue).
+    fn shed_buffers(&mut self) {
+        if self.server.is_none() {
+            if self.cbuf.is_empty() && self.cbuf.capacity() > 0 {
+                self.cbuf = BytesMut::new();
+            }
+            if self.sbuf.is_empty() && self.sbuf.capacity() > 0 {
+                self.sbuf = BytesMut::new();
+            }
+        }
     }
 
     fn set_gauge(&mut self, to: ClientState) {
