@@ -527,13 +527,16 @@ impl PoolInner {
 
     /// Why an idle connection must not be lent out, if it must not.
     fn unusable(&self, conn: &ServerConn, settings: &PoolSettings) -> Option<CloseReason> {
+        let idle_for = conn.idle_since.elapsed();
         if conn.age() >= settings.server_lifetime {
             Some(CloseReason::lifetime)
-        } else if conn.idle_since.elapsed() >= settings.server_idle_timeout {
+        } else if idle_for >= settings.server_idle_timeout {
             Some(CloseReason::idle_timeout)
         } else if self.is_stale(conn) {
             Some(CloseReason::reload)
-        } else if !conn.idle_check() {
+        } else if idle_for >= PROBE_AFTER && !conn.idle_check() {
+            // A connection parked moments ago is not probed (a syscall per transaction under
+            // load); upkeep probes every idle connection each second anyway.
             Some(CloseReason::error)
         } else {
             None
@@ -645,6 +648,9 @@ impl PoolInner {
         outcome
     }
 }
+
+/// Idle connections parked at least this long are probed (a non-blocking peek) at checkout.
+const PROBE_AFTER: Duration = Duration::from_millis(50);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

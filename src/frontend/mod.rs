@@ -263,9 +263,9 @@ async fn handshake(
 /// Find the client's pool and finish the login: AuthenticationOk, ParameterStatus,
 /// BackendKeyData, ReadyForQuery.
 ///
-/// A server is borrowed now when one is free (or when the pool has never connected, to learn
-/// the server's parameters): its values are then exact and, in session mode, the client keeps
-/// it and is told its real process id. When the pool is full the client logs in on the pool's
+/// In session mode a server is borrowed now when one is free (and in either mode when the pool
+/// has never connected, to learn the server's parameters): its values are then exact and, in
+/// session mode, the client keeps it and is told its real process id. When the pool is full the client logs in on the pool's
 /// known parameters with a tidepool key, and gets its server with its first request, as with
 /// PgBouncer; so more clients than servers can log in at once, in session mode too.
 async fn attach(
@@ -291,9 +291,12 @@ async fn attach(
         .pool_for(rt, &database, &user, client_password.as_deref())
         .map_err(|m| LoginError::new("3D000", m, RejectReason::protocol))?;
     let settings = pool.settings();
-    let server = match pool.baseline() {
-        None => pool.checkout().await.map(Some),
-        Some(_) => pool.checkout_now().await,
+    let server = match (pool.baseline(), settings.mode) {
+        (None, _) => pool.checkout().await.map(Some),
+        (Some(_), PoolMode::Session) => pool.checkout_now().await,
+        // Transaction mode: the first request borrows a server and applies the client's
+        // settings there; logging in costs no server round trip.
+        (Some(_), PoolMode::Transaction) => Ok(None),
     };
     let mut server = match server {
         Ok(s) => s,
