@@ -181,8 +181,12 @@ pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn)
 
 impl Session {
     async fn relay(&mut self, client: &mut ClientStream) -> Exit {
-        let boundary = self.shared.shutdown.boundary_token();
-        let force = self.shared.shutdown.force_token();
+        // Created and pinned once: a `cancelled()` future registers a waiter when first
+        // polled, which must not happen per loop iteration on the hot path.
+        let boundary_token = self.shared.shutdown.boundary_token();
+        let force_token = self.shared.shutdown.force_token();
+        let mut boundary = std::pin::pin!(boundary_token.cancelled());
+        let mut force = std::pin::pin!(force_token.cancelled());
         let mut boundary_seen = false;
         let mut force_seen = false;
         loop {
@@ -284,8 +288,8 @@ impl Session {
                 let deadline = self.force_deadline;
                 tokio::select! {
                     ev = io => ev,
-                    _ = boundary.cancelled(), if !boundary_seen => Ev::Boundary,
-                    _ = force.cancelled(), if !force_seen => Ev::Force,
+                    _ = &mut boundary, if !boundary_seen => Ev::Boundary,
+                    _ = &mut force, if !force_seen => Ev::Force,
                     _ = sleep_until_opt(deadline), if deadline.is_some() => Ev::ForceDeadline,
                 }
             };
