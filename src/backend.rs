@@ -138,6 +138,32 @@ impl Params {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
+
+    /// Take `other`'s value for every name present in both; true if anything changed.
+    pub fn update_from(&mut self, other: &Params) -> bool {
+        let mut changed = false;
+        for (k, v) in self.0.iter_mut() {
+            if let Some(o) = other.get(k) {
+                if v != o {
+                    v.clear();
+                    v.push_str(o);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// An order-independent fingerprint of names (case-insensitive) and values.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        self.0.iter().fold(0u64, |acc, (k, v)| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.to_ascii_lowercase().hash(&mut h);
+            v.hash(&mut h);
+            acc ^ h.finish()
+        })
+    }
 }
 
 /// What the relay knows about the protocol exchange on a server connection. A connection is
@@ -225,6 +251,9 @@ pub struct ServerConn {
     pub params: Params,
     /// Non-reported settings tidepool applied for a client (`options=-c ...`).
     pub applied: Params,
+    /// Fingerprint of the client parameters this server was last synced to, while nothing
+    /// changed its parameters since: a client with the same fingerprint needs no sync.
+    pub synced_fp: Option<u64>,
     /// Client bytes the relay had framed for this server but not yet written when the client
     /// went away; recovery writes them first so the server's input ends on a message boundary.
     pub pending: Option<BytesMut>,
@@ -414,6 +443,7 @@ async fn connect_inner(
                     addr,
                     params,
                     applied: Params::default(),
+                    synced_fp: None,
                     pending: None,
                     stmts: Default::default(),
                     leaked,
@@ -578,6 +608,7 @@ impl ServerConn {
                 b'S' => {
                     if let Some((k, v)) = protocol::parse_parameter_status(&body) {
                         self.params.set(k, v);
+                        self.synced_fp = None;
                     }
                 }
                 b'E' => {

@@ -616,6 +616,7 @@ impl PoolInner {
         if q.contains("DISCARD ALL") || q.contains("RESET ALL") {
             conn.applied = Params::default();
         }
+        conn.synced_fp = None;
     }
 
     fn send_close(self: &Arc<Self>, conn: ServerConn, reason: CloseReason) {

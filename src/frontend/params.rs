@@ -58,6 +58,9 @@ pub fn desired_settings(startup: &[(String, String)]) -> Result<Vec<(String, Str
 #[derive(Debug, Clone, Default)]
 pub struct ClientParams {
     values: Params,
+    /// `values.fingerprint()`, kept current: compared with a server's `synced_fp` to skip the
+    /// comparison on the hot path (clients of one application usually share all values).
+    fp: u64,
 }
 
 impl ClientParams {
@@ -78,7 +81,8 @@ impl ClientParams {
         for (k, v) in desired {
             values.set(&k, &v);
         }
-        ClientParams { values }
+        let fp = values.fingerprint();
+        ClientParams { values, fp }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -88,18 +92,18 @@ impl ClientParams {
     /// A reported parameter changed on the client's server (the client ran SET): it is now
     /// part of the client's session.
     pub fn observe(&mut self, name: &str, value: &str) {
-        if self.values.get(name).is_some() || TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+        let tracked =
+            self.values.get(name).is_some() || TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name));
+        if tracked && self.values.get(name) != Some(value) {
             self.values.set(name, value);
+            self.fp = self.values.fingerprint();
         }
     }
 
     /// After a sync, take the server's normalised value for every reported parameter.
     pub fn adopt_reported(&mut self, server: &Params) {
-        let names: Vec<String> = self.values.iter().map(|(k, _)| k.to_string()).collect();
-        for k in names {
-            if let Some(v) = server.get(&k) {
-                self.values.set(&k, v);
-            }
+        if self.values.update_from(server) {
+            self.fp = self.values.fingerprint();
         }
     }
 
@@ -131,7 +135,11 @@ pub async fn sync(
     client: &mut ClientParams,
     timeout: Duration,
 ) -> Result<(), (String, String)> {
+    if server.synced_fp == Some(client.fp) {
+        return Ok(());
+    }
     let Some(sql) = client.diff(server) else {
+        server.synced_fp = Some(client.fp);
         return Ok(());
     };
     match server.exec(&sql, timeout).await {
@@ -150,6 +158,9 @@ pub async fn sync(
         }
     }
     server.applied = applied;
+    // Take Postgres's normalised spelling of what was set (e.g. `utc` → `UTC`).
+    client.adopt_reported(&server.params);
+    server.synced_fp = Some(client.fp);
     Ok(())
 }
 

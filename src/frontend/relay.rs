@@ -428,7 +428,6 @@ impl Session {
             self.server = Some(server);
             return Some(Exit::Sync(code, msg));
         }
-        self.login.params.adopt_reported(&server.params);
         if self.login.mode == PoolMode::Session {
             server.set_reset_on_return(true);
         }
@@ -630,6 +629,7 @@ impl Session {
                         }
                     } else if let Some((k, v)) = protocol::parse_parameter_status(body) {
                         server.params.set(k, v);
+                        server.synced_fp = None;
                         self.login.params.observe(k, v);
                     }
                 }
