@@ -149,6 +149,26 @@ fn scram_and_md5_clients_and_password_servers() {
         wrong.contains("password authentication failed for user \"app\""),
         "{wrong}"
     );
+    // tokio-postgres with md5.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=app password={APP_PW} dbname=app",
+                tp.port
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("tokio-postgres md5 login");
+        tokio::spawn(conn);
+        let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "app");
+    });
+    drop(rt);
     // md5user's config secret is an md5 hash: the client logs in, but tidepool knows no
     // password for the server; with the database entry's credentials it works.
     tp.signal("TERM");

@@ -448,3 +448,40 @@ async fn copy_notice_large_rows_and_multiple_results() {
         assert_eq!(tp.stop().await.leaked, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_in_session_mode() {
+    let pg = PgCluster::shared();
+    let db = pg.create_db("notify");
+    let tp = Tidepool::start(&config_text(pg, &db, &pool("session", 2, ""), "")).await;
+    let (listener, mut conn) =
+        tokio_postgres::connect(&tp.conninfo(&db, "postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        use futures_util::StreamExt;
+        while let Some(Ok(msg)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN tidepool_events")
+        .await
+        .unwrap();
+    let sender = tp.connect(&db).await;
+    sender
+        .batch_execute("NOTIFY tidepool_events, 'hello'")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("notification arrives")
+        .unwrap();
+    assert_eq!(got, ("tidepool_events".to_string(), "hello".to_string()));
+    drop((listener, sender));
+    assert_eq!(tp.stop().await.leaked, 0);
+}

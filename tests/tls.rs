@@ -242,3 +242,53 @@ fn sslmode_require_fails_against_a_plain_server() {
     tp.signal("TERM");
     assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn listener_certificate_reloads_on_sighup() {
+    let certs = make_certs();
+    let pg = PgCluster::shared();
+    let db = pg.create_db("tls_reload");
+    let dir = tempfile::tempdir().unwrap();
+    let (crt, key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(&certs.good_crt, &crt).unwrap();
+    std::fs::copy(&certs.good_key, &key).unwrap();
+    let listen = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\", mode = \"require\" }}",
+        crt.display(),
+        key.display()
+    );
+    let text = config(pg, &listen, "sslmode = \"disable\"")
+        .replace("[databases.app]", &format!("[databases.{db}]"));
+    let mut tp = TidepoolProcess::start(&text);
+    let verify_full = |port: u16| {
+        Command::new("psql")
+            .args(["-X", "-At", "-d"])
+            .arg(format!(
+                "host=127.0.0.1 port={port} user=postgres dbname={db} sslmode=verify-full sslrootcert={} connect_timeout=5",
+                certs.ca.display()
+            ))
+            .args(["-c", "SELECT 1"])
+            .output()
+            .unwrap()
+    };
+    let out = verify_full(tp.port);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Swap in a certificate for another name and reload: new clients see it.
+    std::fs::copy(&certs.wrong_crt, &crt).unwrap();
+    std::fs::copy(&certs.wrong_key, &key).unwrap();
+    tp.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = verify_full(tp.port);
+    assert!(!out.status.success(), "the old certificate is still served");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not match host name") || err.contains("127.0.0.1"),
+        "{err}"
+    );
+    tp.signal("TERM");
+    assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
+}
