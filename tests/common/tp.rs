@@ -371,6 +371,29 @@ pub fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Start pgbench against `port` in the background (stdout and stderr captured).
+pub fn spawn_pgbench(port: u16, db: &str, args: &[&str]) -> Child {
+    Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg(db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pgbench")
+}
+
+/// Wait for a pgbench from `spawn_pgbench`: (success, stdout+stderr).
+pub fn pgbench_output(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().expect("pgbench output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// pgbench's "number of failed transactions: N" (PostgreSQL 15+).
 pub fn pgbench_failed(output: &str) -> Option<u64> {
     output
