@@ -166,3 +166,20 @@ async fn result_type_change_gives_postgres_error_then_reprepare_works() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(tp.stop().await.leaked, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_with_a_parameter_larger_than_the_relay_buffer() {
+    let pg = PgCluster::shared();
+    let db = pg.create_db("prep_big");
+    let tp = Tidepool::start(&config_text(pg, &db, &pool(2, ""), "")).await;
+    let c = tp.connect(&db).await;
+    let s = c.prepare("SELECT length($1::text)").await.unwrap();
+    let big = "z".repeat(3 * 1024 * 1024);
+    let row = tokio::time::timeout(Duration::from_secs(20), c.query_one(&s, &[&big]))
+        .await
+        .expect("no stall on a 3 MiB Bind")
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 3 * 1024 * 1024);
+    drop(c);
+    assert_eq!(tp.stop().await.leaked, 0);
+}

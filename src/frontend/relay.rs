@@ -105,6 +105,8 @@ struct Session {
     pending: VecDeque<Pending>,
     /// Transaction mode: the client's statement names.
     stmts: HashMap<Vec<u8>, Arc<Stmt>>,
+    /// Bytes `cbuf` must hold before the message being framed can be handled (0: none).
+    c_need: usize,
 }
 
 fn gauge_of(g: &ClientGauges, state: ClientState) -> &prometheus_client::metrics::gauge::Gauge {
@@ -143,6 +145,7 @@ pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn)
         track,
         pending: VecDeque::new(),
         stmts: HashMap::new(),
+        c_need: 0,
         shared: shared.clone(),
         server: None,
         login,
@@ -226,7 +229,10 @@ impl Session {
             let ev = {
                 let c_ready = self.c_ready;
                 let s_ready = self.s_ready;
-                let reading_client = self.force_deadline.is_none() && self.cbuf.len() < BUF_LIMIT;
+                // Past the backpressure limit only while a message that must be seen whole
+                // (a tracked Parse/Bind with large parameters) is still incomplete.
+                let reading_client =
+                    self.force_deadline.is_none() && self.cbuf.len() < BUF_LIMIT.max(self.c_need);
                 // A session holding no server and no bytes keeps no buffers: an idle client
                 // costs no read buffer until it sends something (see `shed_buffers`).
                 let idle = self.server.is_none() && self.cbuf.capacity() == 0;
@@ -681,8 +687,10 @@ impl Session {
             b'P' | b'B' | b'D' | b'C' => {
                 if avail < h.total {
                     self.cbuf.reserve(h.total - avail);
+                    self.c_need = at + h.total;
                     return Ok(Tracked::NeedMore);
                 }
+                self.c_need = 0;
                 let len = self.rewrite_named(h)?;
                 return Ok(Tracked::Rewritten(len));
             }
