@@ -68,10 +68,15 @@ async fn serve_inner(shared: &Arc<Shared>, tcp: TcpStream) -> std::io::Result<()
     // listen.login_timeout bounds startup and authentication; waiting for a server after
     // that is bounded by the pool's checkout_timeout.
     let deadline = tokio::time::Instant::now() + rt.config.listen.login_timeout;
-    let hello =
-        tokio::time::timeout_at(deadline, handshake(shared, &rt, &mut sock, over_limit)).await;
+    // Login is boxed: a client spends its life in the relay, and the task's future is as large
+    // as its largest await point, so one-time steps must not size every idle client.
+    let hello = tokio::time::timeout_at(
+        deadline,
+        Box::pin(handshake(shared, &rt, &mut sock, over_limit)),
+    )
+    .await;
     let result = match hello {
-        Ok(Ok(Some(h))) => attach(shared, &rt, &mut sock, h).await,
+        Ok(Ok(Some(h))) => Box::pin(attach(shared, &rt, &mut sock, h)).await,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(LoginError::new(

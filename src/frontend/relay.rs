@@ -176,8 +176,9 @@ pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn)
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    s.finish(&mut client, exit).await;
-    s.hand_off().await;
+    // Cold paths are boxed to keep the session future (and so every idle client) small.
+    Box::pin(s.finish(&mut client, exit)).await;
+    Box::pin(s.hand_off()).await;
     // Dropping the session settles its gauge and cancel key (also when the task panics).
     tracing::info!(user = %s.login.user, database = %s.login.database, "client disconnected");
 }
@@ -213,7 +214,7 @@ impl Session {
                 if !protocol::is_frontend_tag(tag) {
                     return Exit::Protocol(format!("invalid frontend message type {tag}"));
                 }
-                if let Some(exit) = self.acquire(client).await {
+                if let Some(exit) = Box::pin(self.acquire(client)).await {
                     return exit;
                 }
             }
@@ -276,6 +277,11 @@ impl Session {
                             {
                                 return Poll::Ready(Ev::ClientRead(r));
                             }
+                            // Readiness was stale (tokio remembers "readable" until a read
+                            // finds nothing, which just happened): give the buffer back.
+                            if idle && cbuf.is_empty() {
+                                *cbuf = BytesMut::new();
+                            }
                         }
                     }
                     if s_ready > 0 {
@@ -332,7 +338,7 @@ impl Session {
                         };
                     }
                     if self.releasable() {
-                        self.release().await;
+                        Box::pin(self.release()).await;
                     }
                 }
                 Ev::ClientWrote(Ok(n)) => {
@@ -348,7 +354,7 @@ impl Session {
                 Ev::Force => {
                     force_seen = true;
                     boundary_seen = true;
-                    self.start_force().await;
+                    Box::pin(self.start_force()).await;
                 }
                 Ev::ForceDeadline => return Exit::Shutdown,
             }
