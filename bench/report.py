@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""report.py - turn a bench/run TSV into Markdown tables (stdout).
+
+    report.py RESULTS.tsv
+
+Sections: one per pgbench workload (per target: median TPS with min and max, mean latency,
+failed transactions, pooler CPU µs per transaction, ratios to PgBouncer and to direct), the
+idle-client memory table, the /metrics scrape cost, and the targets of the benchmark issue
+with met/missed. Standard library only.
+"""
+
+import csv
+import statistics
+import sys
+from collections import defaultdict
+
+TARGETS = ["direct", "pgbouncer", "tidepool"]
+LABEL = {"direct": "direct Postgres", "pgbouncer": "PgBouncer", "tidepool": "tidepool"}
+WORKLOADS = {
+    "S16": "-S -c 16",
+    "S200": "-S -c 200",
+    "TPCB16": "TPC-B (default script) -c 16",
+    "CS16": "-C -S -c 16 (new connection per transaction)",
+}
+
+
+def num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def f(x, nd=0):
+    if x is None:
+        return "n/a"
+    return f"{x:,.{nd}f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fr(x):
+    return "n/a" if x is None else f"{x:.2f}×"
+
+
+def main():
+    rows = list(csv.DictReader(open(sys.argv[1], newline=""), delimiter="\t"))
+    bench = defaultdict(list)  # (workload, mode, target) -> rows
+    order = []
+    for r in rows:
+        if r["kind"] != "pgbench":
+            continue
+        key = (r["workload"], r["mode"])
+        if key not in order:
+            order.append(key)
+        bench[(r["workload"], r["mode"], r["target"])].append(r)
+
+    summary = {}  # (workload, mode, target) -> dict
+    out = []
+    for workload, mode in order:
+        out.append(f"### `pgbench {WORKLOADS.get(workload, workload)} -M {mode}`\n")
+        out.append("| target | runs | TPS median | TPS min | TPS max | latency avg (ms) | failed | pooler CPU µs/txn | TPS ÷ PgBouncer | TPS ÷ direct | CPU ÷ PgBouncer |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        stats = {}
+        for t in TARGETS:
+            rs = bench.get((workload, mode, t), [])
+            if not rs:
+                continue
+            tps = [num(r["tps"]) for r in rs]
+            tps_ok = [x for x in tps if x is not None]
+            lat = [num(r["latency_ms"]) for r in rs]
+            s = {
+                "runs": len(rs),
+                "tps": med(tps),
+                "min": min(tps_ok) if tps_ok else None,
+                "max": max(tps_ok) if tps_ok else None,
+                "lat": statistics.mean([x for x in lat if x is not None]) if any(x is not None for x in lat) else None,
+                "failed": sum(int(num(r["failed"]) or 0) for r in rs),
+                "bad_rc": sum(1 for r in rs if r["rc"] not in ("0", "")),
+                "cpu": med([num(r["cpu_us_per_txn"]) for r in rs]),
+            }
+            stats[t] = s
+            summary[(workload, mode, t)] = s
+        for t, s in stats.items():
+            pb, d = stats.get("pgbouncer"), stats.get("direct")
+            failed = str(s["failed"]) + (f" ({s['bad_rc']} runs rc≠0)" if s["bad_rc"] else "")
+            out.append(
+                f"| {LABEL[t]} | {s['runs']} | {f(s['tps'])} | {f(s['min'])} | {f(s['max'])} | {f(s['lat'], 3)} | {failed} | "
+                f"{f(s['cpu'], 1) if t != 'direct' else '—'} | "
+                f"{fr(ratio(s['tps'], pb['tps'])) if pb else 'n/a'} | {fr(ratio(s['tps'], d['tps'])) if d else 'n/a'} | "
+                f"{fr(ratio(s['cpu'], pb['cpu'])) if pb and t != 'direct' else '—'} |"
+            )
+        out.append("")
+
+    # Memory.
+    mem = defaultdict(dict)  # target -> clients -> row
+    for r in rows:
+        if r["kind"] == "memory":
+            mem[r["target"]][int(r["clients"])] = r
+    per_client = {}
+    if mem:
+        counts = sorted({c for t in mem for c in mem[t] if c > 0})
+        out.append("### Memory: RSS with idle logged-in clients\n")
+        out.append("| target | RSS, 0 clients (KiB) | " + " | ".join(f"RSS, {c:,} (KiB) | KiB/client @ {c:,}" for c in counts) + " |")
+        out.append("|---|---:|" + "---:|---:|" * len(counts))
+        for t in ("pgbouncer", "tidepool"):
+            if t not in mem:
+                continue
+            base = num(mem[t].get(0, {}).get("rss_kib"))
+            cells = [LABEL[t], f(base)]
+            for c in counts:
+                r = mem[t].get(c)
+                rss = num(r["rss_kib"]) if r else None
+                kib = (rss - base) / c if rss is not None and base is not None else None
+                per_client[(t, c)] = kib
+                note = f" ({r['note']})" if r and r.get("note") and "failed=0" not in r["note"] else ""
+                if r and "NOT_READY" in (r.get("note") or ""):
+                    kib = None  # the clients never all logged in: no valid figure
+                cells += [f(rss) + note, f(kib, 2)]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("\nKiB/client = (RSS with N clients − RSS with 0 clients) / N; RSS = VmRSS of the pooler process.\n")
+
+    # Scrape cost.
+    scr = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "scrape":
+            scr[r["workload"]].append(r)
+    scrape_diff = None
+    if scr:
+        out.append("### Cost of scraping `/metrics` every 100 ms (tidepool, `pgbench -S -c 16 -M simple`)\n")
+        out.append("| variant | runs | TPS median | TPS min | TPS max | tidepool CPU µs/txn | scrapes per run (median) |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        med_tps = {}
+        for v in ("no_scrape", "scrape"):
+            rs = scr.get(v, [])
+            if not rs:
+                continue
+            tps = [num(r["tps"]) for r in rs]
+            tps_ok = [x for x in tps if x is not None]
+            med_tps[v] = med(tps)
+            notes = [dict(kv.split("=", 1) for kv in r["note"].split(";") if "=" in kv) for r in rs]
+            scrapes = med([num(n.get("scrapes")) for n in notes])
+            out.append(f"| {'with scraping' if v == 'scrape' else 'without scraping'} | {len(rs)} | {f(med(tps))} | "
+                       f"{f(min(tps_ok) if tps_ok else None)} | {f(max(tps_ok) if tps_ok else None)} | "
+                       f"{f(med([num(r['cpu_us_per_txn']) for r in rs]), 1)} | {f(scrapes) if v == 'scrape' else '—'} |")
+        if "scrape" in med_tps and "no_scrape" in med_tps and med_tps["no_scrape"]:
+            scrape_diff = (med_tps["scrape"] - med_tps["no_scrape"]) / med_tps["no_scrape"] * 100
+            # Per-round paired differences are less sensitive to drift in background load.
+            by_round = defaultdict(dict)
+            for v, rs in scr.items():
+                for r in rs:
+                    by_round[r["round"]][v] = num(r["tps"])
+            paired = [(d["scrape"] - d["no_scrape"]) / d["no_scrape"] * 100 for d in by_round.values()
+                      if d.get("scrape") and d.get("no_scrape")]
+            out.append(f"\nThroughput with scraping vs without: **{scrape_diff:+.1f}%** (medians); "
+                       f"per-round paired differences: median {statistics.median(paired):+.1f}%, "
+                       f"range {min(paired):+.1f}% … {max(paired):+.1f}%.\n")
+
+    # Targets.
+    out.append("### Targets\n")
+    out.append("| target | measured | verdict |")
+    out.append("|---|---|---|")
+
+    def get(w, m, t, k):
+        s = summary.get((w, m, t))
+        return s[k] if s else None
+
+    def verdict(val, limit, higher_is_better):
+        if val is None:
+            return "n/a"
+        ok = val >= limit if higher_is_better else val <= limit
+        rel = (val / limit - 1) * 100 if limit else 0
+        return f"**met** ({rel:+.0f}% vs limit)" if ok else f"**missed** ({rel:+.0f}% vs limit)"
+
+    modes = sorted({m for (_, m) in order}, key=["simple", "extended", "prepared"].index)
+    for m in modes:
+        c = ratio(get("S16", m, "tidepool", "cpu"), get("S16", m, "pgbouncer", "cpu"))
+        out.append(f"| CPU/txn ≤ 0.7× PgBouncer, -S 16 clients, -M {m} | {fr(c)} | {verdict(c, 0.7, False)} |")
+    for w, limit in (("S16", 1.1), ("S200", 1.1), ("TPCB16", 1.0), ("CS16", 1.0)):
+        for m in modes:
+            r = ratio(get(w, m, "tidepool", "tps"), get(w, m, "pgbouncer", "tps"))
+            out.append(f"| TPS ≥ {limit}× PgBouncer, {WORKLOADS[w].split(' (')[0]}, -M {m} | {fr(r)} | {verdict(r, limit, True)} |")
+    for (t, c), kib in sorted(per_client.items()):
+        if t != "tidepool":
+            continue
+        pb = per_client.get(("pgbouncer", c))
+        out.append(f"| RSS/idle client ≤ PgBouncer's, {c:,} clients | tidepool {f(kib, 2)} KiB vs PgBouncer {f(pb, 2)} KiB | "
+                   f"{verdict(kib, pb, False) if pb is not None and pb > 0 else 'n/a'} |")
+        out.append(f"| RSS/idle client ≤ 2 KiB, {c:,} clients | {f(kib, 2)} KiB | {verdict(kib, 2.0, False)} |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
