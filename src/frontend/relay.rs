@@ -89,6 +89,8 @@ struct Session {
     s_rem: usize,
     /// Tag of the last server message framed.
     s_last_tag: u8,
+    /// The last ErrorResponse from the server was FATAL or PANIC.
+    s_last_fatal: bool,
     max_msg: usize,
     /// Close the client at its next transaction boundary (SIGINT drain).
     close_at_boundary: bool,
@@ -158,6 +160,7 @@ pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn)
         s_ready: 0,
         s_rem: 0,
         s_last_tag: 0,
+        s_last_fatal: false,
         max_msg,
         close_at_boundary: false,
         force_deadline: None,
@@ -326,7 +329,7 @@ impl Session {
                     let _ = self.scan_server();
                     self.mark_broken();
                     return Exit::ServerLost {
-                        server_said_error: self.s_last_tag == b'E',
+                        server_said_error: self.s_last_tag == b'E' && self.s_last_fatal,
                     };
                 }
                 Ev::ServerRead(Ok(_)) => {
@@ -654,6 +657,10 @@ impl Session {
                 b'c' => st.copy_out = false,
                 b'E' => {
                     st.copy_out = false;
+                    // Remember whether the server said goodbye itself (FATAL/PANIC), so a
+                    // following disconnect needs no FATAL of ours.
+                    self.s_last_fatal = avail >= h.total
+                        && error_is_fatal(&self.sbuf[self.s_ready + 5..self.s_ready + h.total]);
                 }
                 _ => {}
             }
@@ -930,7 +937,10 @@ impl Session {
                 self.sbuf.advance(self.s_ready);
                 self.s_ready = 0;
             }
-            if self.s_rem == 0 && self.sbuf.is_empty() {
+            // An incomplete message the client never saw part of is dropped; our error can
+            // follow. After half a message was forwarded, nothing more can be said cleanly.
+            if self.s_rem == 0 {
+                self.sbuf.clear();
                 client.write_all(&out).await?;
             }
             client.flush().await
@@ -982,6 +992,13 @@ async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// Does an ErrorResponse body carry severity FATAL or PANIC?
+fn error_is_fatal(body: &[u8]) -> bool {
+    body.split(|&b| b == 0)
+        .filter_map(|f| f.split_first())
+        .any(|(&t, v)| (t == b'S' || t == b'V') && (v == b"FATAL" || v == b"PANIC"))
 }
 
 /// What tracking made of a message.
