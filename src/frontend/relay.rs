@@ -217,6 +217,10 @@ impl Session {
                 if !protocol::is_frontend_tag(tag) {
                     return Exit::Protocol(format!("invalid frontend message type {tag}"));
                 }
+                // A bad length is refused before a server is borrowed for it.
+                if let Err(e) = protocol::header(&self.cbuf, self.max_msg) {
+                    return Exit::Protocol(e.to_string());
+                }
                 if let Some(exit) = Box::pin(self.acquire(client)).await {
                     return exit;
                 }
