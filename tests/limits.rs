@@ -796,7 +796,8 @@ async fn max_waiting(mode: &str) {
         wait_for("B waiting", Duration::from_secs(5), || {
             waiting(&shared) == 1
         });
-        // C is one waiter too many: refused at once.
+        // C is one waiter too many: refused at once, and counted.
+        let refused_before = rejected(&shared, "max_clients");
         let mut c = Raw::login(port, "postgres", &db);
         let t0 = Instant::now();
         c.sock.write_all(&raw::query_msg("SELECT 3")).unwrap();
@@ -811,6 +812,7 @@ async fn max_waiting(mode: &str) {
             "refusal took {:?}",
             t0.elapsed()
         );
+        assert_eq!(rejected(&shared, "max_clients"), refused_before + 1);
         // A finishes, then B gets the server.
         a.sock
             .set_read_timeout(Some(Duration::from_secs(10)))

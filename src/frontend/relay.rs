@@ -433,6 +433,12 @@ impl Session {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.set_gauge(ClientState::idle);
+                if matches!(e, crate::pool::CheckoutError::TooManyWaiting) {
+                    // The bound on waiting clients is a capacity refusal, like max_clients.
+                    self.shared
+                        .metrics
+                        .reject(crate::metrics::RejectReason::max_clients);
+                }
                 let (code, msg) = super::checkout_error_for_client(&e);
                 return Some(Exit::Checkout(code.to_string(), msg));
             }
