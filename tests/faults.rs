@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use common::pg::{quote_literal, PgCluster};
 use common::raw;
-use common::tp::{self, config_text, http_get, Tidepool};
+use common::tp::{self, config_text, eventually, http_get, Tidepool};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -92,20 +92,6 @@ fn server_gauge(tp: &Tidepool, pool: &str, state: &str) -> i64 {
         "tidepool_server_connections",
         &[("pool", pool), ("state", state)],
     ) as i64
-}
-
-/// Poll `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
-async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Wait until no server connection of `pool` is checked out or being recovered/closed.

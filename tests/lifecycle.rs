@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::PgCluster;
 use common::raw::{self, Raw};
-use common::tp::{self, config_text, Tidepool};
+use common::tp::{self, config_text, eventually, wait_query_active, Tidepool};
 use tokio_postgres::SimpleQueryMessage;
 
 // ---------------------------------------------------------------------------------------------
@@ -91,20 +91,6 @@ fn server_gauge(tp: &Tidepool, db: &str, state: &str) -> i64 {
     ) as i64
 }
 
-/// Poll `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
-async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Wait until no server connection of the pool is checked out or being recovered/closed.
 async fn settle(tp: &Tidepool, db: &str) {
     let ok = eventually(Duration::from_secs(8), || {
@@ -142,27 +128,6 @@ fn wait_backends_at_most(pg: &PgCluster, db: &str, n: u64, timeout: Duration) ->
             return c;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Wait (blocking) until a statement starting with `prefix` is running in `db`.
-fn wait_query_active(pg: &PgCluster, db: &str, prefix: &str) {
-    let sql = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = {} AND state = 'active' \
-         AND query LIKE {}",
-        common::pg::quote_literal(db),
-        common::pg::quote_literal(&format!("{prefix}%"))
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if pg.psql("postgres", &sql) != "0" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "`{prefix}` never started running in {db}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

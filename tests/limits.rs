@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::PgCluster;
 use common::raw::{self, Raw};
-use common::tp::{config_text, Tidepool};
+use common::tp::{config_text, wait_query_active, Tidepool};
 use tidepool::server::Shared;
 
 // ---------------------------------------------------------------------------------------------
@@ -157,21 +157,6 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Wait until a query starting with `prefix` runs in `db`.
-fn wait_query_active(pg: &PgCluster, db: &str, prefix: &str) {
-    let sql = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = {} AND state = 'active' \
-         AND query LIKE {}",
-        common::pg::quote_literal(db),
-        common::pg::quote_literal(&format!("{prefix}%"))
-    );
-    wait_for(
-        &format!("`{prefix}` to run"),
-        Duration::from_secs(5),
-        || pg.psql("postgres", &sql) != "0",
-    );
 }
 
 /// Stop tidepool: nothing leaked, nothing closed hard by the drain.

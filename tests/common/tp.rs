@@ -413,3 +413,35 @@ pub fn pgbench_processed(output: &str) -> Option<u64> {
         .and_then(|v| v.trim().split('/').next())
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// Poll `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait (blocking, up to 5 s) until a statement starting with `prefix` runs in `db`.
+pub fn wait_query_active(pg: &PgCluster, db: &str, prefix: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = {} AND state = 'active' \
+         AND query LIKE {}",
+        super::pg::quote_literal(db),
+        super::pg::quote_literal(&format!("{prefix}%"))
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pg.psql("postgres", &sql) == "0" {
+        assert!(
+            Instant::now() < deadline,
+            "`{prefix}` never started running in {db}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
