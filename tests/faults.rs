@@ -59,27 +59,8 @@ fn config_with_listen(pg: &PgCluster, db: &str, pool: &str, listen: &str, extra:
     config_text(pg, db, pool, extra).replacen("[admin]", &format!("{listen}\n[admin]"), 1)
 }
 
-/// Sum of the samples of `name` whose labels include every `(key, value)` in `labels`.
-fn metric_with(tp: &Tidepool, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = tp.shared.metrics.encode();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let Some(rest) = l.strip_prefix(name) else {
-                return false;
-            };
-            (rest.starts_with('{') || rest.starts_with(' '))
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn closed_total(tp: &Tidepool, pool: &str, reason: &str) -> u64 {
-    metric_with(
-        tp,
+    tp.metric_with(
         "tidepool_server_connections_closed_total",
         &[("pool", pool), ("reason", reason)],
     ) as u64
@@ -87,8 +68,7 @@ fn closed_total(tp: &Tidepool, pool: &str, reason: &str) -> u64 {
 
 /// `tidepool_server_connections{pool, state}`.
 fn server_gauge(tp: &Tidepool, pool: &str, state: &str) -> i64 {
-    metric_with(
-        tp,
+    tp.metric_with(
         "tidepool_server_connections",
         &[("pool", pool), ("state", state)],
     ) as i64

@@ -48,35 +48,15 @@ fn pool_label(db: &str) -> String {
     format!("{db}/postgres")
 }
 
-/// Sum of the samples of `name` whose labels include every `(key, value)` in `labels`.
-fn metric_with(tp: &Tidepool, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = tp.shared.metrics.encode();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let Some(rest) = l.strip_prefix(name) else {
-                return false;
-            };
-            (rest.starts_with('{') || rest.starts_with(' '))
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn closed_total(tp: &Tidepool, db: &str, reason: &str) -> u64 {
-    metric_with(
-        tp,
+    tp.metric_with(
         "tidepool_server_connections_closed_total",
         &[("pool", &pool_label(db)), ("reason", reason)],
     ) as u64
 }
 
 fn shutdowns(tp: &Tidepool, db: &str, outcome: &str) -> u64 {
-    metric_with(
-        tp,
+    tp.metric_with(
         "tidepool_server_shutdowns_total",
         &[("pool", &pool_label(db)), ("outcome", outcome)],
     ) as u64
@@ -84,8 +64,7 @@ fn shutdowns(tp: &Tidepool, db: &str, outcome: &str) -> u64 {
 
 /// `tidepool_server_connections{pool, state}` (a gauge: may be negative if miscounted).
 fn server_gauge(tp: &Tidepool, db: &str, state: &str) -> i64 {
-    metric_with(
-        tp,
+    tp.metric_with(
         "tidepool_server_connections",
         &[("pool", &pool_label(db)), ("state", state)],
     ) as i64
@@ -385,8 +364,7 @@ async fn leaked_connections_are_counted_exactly() {
         }
         assert_eq!(tp.leaked(), before + 3);
         assert_eq!(
-            metric_with(
-                &tp,
+            tp.metric_with(
                 "tidepool_server_connections_leaked_total",
                 &[("pool", &pool_label(&db))]
             ),
@@ -474,7 +452,7 @@ async fn panic_while_holding_a_server_returns_the_slot() {
     assert_eq!(tp.leaked(), 0, "leak counter");
     // Every client has gone: no client may still be counted (the panicked one included).
     let clients_ok = eventually(Duration::from_secs(2), || {
-        metric_with(&tp, "tidepool_client_connections", &[]) == 0.0
+        tp.metric_with("tidepool_client_connections", &[]) == 0.0
     })
     .await;
     let gauges: Vec<String> = tp

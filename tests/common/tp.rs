@@ -137,6 +137,24 @@ impl Tidepool {
         self.shared.metrics.total(name)
     }
 
+    /// Sum of the samples of `name` whose labels include every `(key, value)` in `labels`.
+    pub fn metric_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.shared.metrics.encode();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                let Some(rest) = l.strip_prefix(name) else {
+                    return false;
+                };
+                (rest.starts_with('{') || rest.starts_with(' '))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Graceful drain, then the report. Asserts that it finished.
     pub async fn stop(mut self) -> DrainReport {
         self.shared.shutdown.begin(DrainKind::Graceful);
