@@ -154,6 +154,13 @@ impl Params {
         changed
     }
 
+    /// Would [`update_from`](Self::update_from) change anything?
+    pub fn update_from_would_change(&self, other: &Params) -> bool {
+        self.0
+            .iter()
+            .any(|(k, v)| other.get(k).is_some_and(|o| o != v))
+    }
+
     /// An order-independent fingerprint of names (case-insensitive) and values.
     pub fn fingerprint(&self) -> u64 {
         use std::hash::{Hash, Hasher};

@@ -32,9 +32,13 @@ pub enum CheckoutError {
     Connect(#[from] BackendError),
 }
 
+/// A server connection as the pool keeps it: boxed, so that parking it, lending it and
+/// returning it move a pointer rather than the whole connection state (hot path).
+pub type Conn = Box<ServerConn>;
+
 /// Work for the closer task.
 pub struct CloseJob {
-    conn: ServerConn,
+    conn: Conn,
     /// The pool slot stays taken until the job is done, so the size bound holds.
     permit: Option<OwnedSemaphorePermit>,
     pool: Arc<PoolInner>,
@@ -174,7 +178,7 @@ pub struct PoolInner {
     /// The configured size, for resizing on reload.
     size: AtomicUsize,
     /// Idle connections, most recently used last.
-    idle: Mutex<VecDeque<ServerConn>>,
+    idle: Mutex<VecDeque<Conn>>,
     waiting: AtomicUsize,
     /// Connections being opened right now (count towards the size through their permit).
     connecting: AtomicUsize,
@@ -188,6 +192,9 @@ pub struct PoolInner {
     closed: AtomicBool,
     /// Bumped when the target changes on reload: older connections are replaced on return.
     generation: AtomicU64,
+    /// The client parameters of the latest login, shared with every later login that has the
+    /// same values (see `ClientParams::intern`).
+    client_params: Mutex<Option<Arc<Params>>>,
     conn_generation: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
@@ -242,6 +249,7 @@ impl Pool {
                 baseline: Mutex::new(None),
                 closed: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
+                client_params: Mutex::new(None),
                 conn_generation: Mutex::new(Default::default()),
             }),
         }
@@ -308,6 +316,44 @@ impl Pool {
         };
         inner.metrics.checkout_wait.observe(start.elapsed());
         self.with_permit(permit, &settings).await
+    }
+
+    /// One shared copy of equal client parameter sets: returns the pool's copy if it equals
+    /// `params`, else makes `params` the pool's copy.
+    pub fn intern_params(&self, params: Arc<Params>) -> Arc<Params> {
+        let mut last = lock(&self.inner.client_params);
+        match &*last {
+            Some(shared) if **shared == *params => shared.clone(),
+            _ => {
+                *last = Some(params.clone());
+                params
+            }
+        }
+    }
+
+    /// The hot path of a transaction-mode checkout, synchronous: a free slot and a usable
+    /// idle connection right now, else `None` (the caller then goes through
+    /// [`checkout`](Self::checkout), which waits, opens connections and reports errors).
+    /// Fair to waiters: a released slot goes straight to the longest waiter, so no slot is
+    /// free while clients wait.
+    pub fn checkout_idle(&self) -> Option<Checkout> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let permit = inner.sem.clone().try_acquire_owned().ok()?;
+        let conn = lock(&inner.idle).pop_back()?;
+        inner.metrics.idle.dec();
+        if let Some(reason) = inner.unusable(&conn, &inner.settings()) {
+            inner.send_close(conn, reason);
+            return None;
+        }
+        inner
+            .metrics
+            .checkout_wait
+            .observe(std::time::Duration::ZERO);
+        inner.metrics.active.inc();
+        Some(Checkout::new(conn, permit, inner.clone()))
     }
 
     /// Like [`checkout`](Self::checkout), but only if a slot is free right now: `Ok(None)`
@@ -380,7 +426,7 @@ impl Pool {
             tracing::debug!(conn.id = conn.id, pool = %inner.name, pid = conn.key.pid, "server connection opened");
             inner.metrics.active.inc();
             // If nobody waits any more, the returned Checkout drops here: back to idle.
-            let _ = tx.send(Ok(Checkout::new(conn, permit, inner.clone())));
+            let _ = tx.send(Ok(Checkout::new(Box::new(conn), permit, inner.clone())));
         });
         rx.await.unwrap_or(Err(CheckoutError::Closed))
     }
@@ -407,7 +453,7 @@ impl Pool {
             return;
         }
         let settings = inner.settings();
-        let expired: Vec<(ServerConn, CloseReason)> = {
+        let expired: Vec<(Conn, CloseReason)> = {
             let mut idle = lock(&inner.idle);
             let mut keep = VecDeque::with_capacity(idle.len());
             let mut out = Vec::new();
@@ -446,7 +492,7 @@ impl Pool {
                 Ok(conn) => {
                     inner.metrics.opened.inc();
                     lock(&inner.conn_generation).insert(conn.id, generation);
-                    inner.return_clean(conn, Some(permit));
+                    inner.return_clean(Box::new(conn), Some(permit));
                 }
                 Err(e) => {
                     tracing::debug!(pool = %inner.name, error = %e, "min_idle connect failed");
@@ -466,7 +512,7 @@ impl Pool {
             if **t != target {
                 *t = Arc::new(target);
                 inner.generation.fetch_add(1, Ordering::AcqRel);
-                let idle: Vec<ServerConn> = lock(&inner.idle).drain(..).collect();
+                let idle: Vec<Conn> = lock(&inner.idle).drain(..).collect();
                 for c in idle {
                     inner.metrics.idle.dec();
                     inner.send_close(c, CloseReason::reload);
@@ -494,7 +540,7 @@ impl Pool {
     pub async fn close(&self, reason: CloseReason) -> (usize, usize) {
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
-        let idle: Vec<ServerConn> = lock(&inner.idle).drain(..).collect();
+        let idle: Vec<Conn> = lock(&inner.idle).drain(..).collect();
         let mut clean = 0;
         let mut hard = 0;
         let mut set = tokio::task::JoinSet::new();
@@ -556,7 +602,7 @@ impl PoolInner {
     /// The synchronous return path: park a clean connection, or hand it to the closer.
     fn give_back(
         self: &Arc<Self>,
-        conn: ServerConn,
+        conn: Conn,
         permit: Option<OwnedSemaphorePermit>,
         reset: bool,
         closed_as: Option<CloseReason>,
@@ -593,7 +639,7 @@ impl PoolInner {
     }
 
     /// Return a connection that the closer made clean again (its `closing` count ends here).
-    fn return_clean(self: &Arc<Self>, conn: ServerConn, permit: Option<OwnedSemaphorePermit>) {
+    fn return_clean(self: &Arc<Self>, conn: Conn, permit: Option<OwnedSemaphorePermit>) {
         if self.closed.load(Ordering::Acquire) {
             drop(permit);
             self.send_close(conn, CloseReason::drain);
@@ -603,7 +649,7 @@ impl PoolInner {
         drop(permit);
     }
 
-    fn park(&self, mut conn: ServerConn) {
+    fn park(&self, mut conn: Conn) {
         conn.idle_since = Instant::now();
         lock(&self.idle).push_back(conn);
         self.metrics.idle.inc();
@@ -619,7 +665,7 @@ impl PoolInner {
         conn.synced_fp = None;
     }
 
-    fn send_close(self: &Arc<Self>, conn: ServerConn, reason: CloseReason) {
+    fn send_close(self: &Arc<Self>, conn: Conn, reason: CloseReason) {
         self.metrics.closing.inc();
         self.closer.send(CloseJob {
             conn,
@@ -630,7 +676,7 @@ impl PoolInner {
     }
 
     /// Shut a connection down and count it. Expects `closing` to have been incremented.
-    async fn shutdown_conn(&self, conn: ServerConn, reason: CloseReason) -> ShutdownOutcome {
+    async fn shutdown_conn(&self, conn: Conn, reason: CloseReason) -> ShutdownOutcome {
         let id = conn.id;
         lock(&self.conn_generation).remove(&id);
         let outcome = if conn.state.broken && conn.state.partial_to_server.is_some() {
@@ -680,7 +726,7 @@ impl Drop for Counted<'_> {
 /// to the closer task, which recovers it (cancel, drain, rollback, reset) or shuts it down. It
 /// never awaits or spawns.
 pub struct Checkout {
-    conn: Option<ServerConn>,
+    conn: Option<Conn>,
     permit: Option<OwnedSemaphorePermit>,
     pool: Arc<PoolInner>,
     /// Session mode: run `reset_query` before the connection is lent again.
@@ -691,7 +737,7 @@ pub struct Checkout {
 }
 
 impl Checkout {
-    fn new(conn: ServerConn, permit: OwnedSemaphorePermit, pool: Arc<PoolInner>) -> Checkout {
+    fn new(conn: Conn, permit: OwnedSemaphorePermit, pool: Arc<PoolInner>) -> Checkout {
         Checkout {
             conn: Some(conn),
             permit: Some(permit),
@@ -717,7 +763,7 @@ impl Checkout {
 
     /// Take the connection out of the pool's accounting for good (the caller must shut it
     /// down); its slot is freed.
-    pub fn detach(mut self) -> ServerConn {
+    pub fn detach(mut self) -> Conn {
         let conn = self
             .conn
             .take()

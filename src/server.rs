@@ -436,10 +436,10 @@ fn spawn_client(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
     shared.clients.fetch_add(1, Ordering::Relaxed);
     let slot = ClientSlot(shared.clone());
     let shared = shared.clone();
-    shared.tracker.clone().spawn(async move {
-        let _slot = slot;
-        crate::frontend::serve_client(shared, sock, peer).await;
-    });
+    shared
+        .tracker
+        .clone()
+        .spawn(crate::frontend::serve_client(shared, sock, peer, slot));
 }
 
 /// Idle timeouts, lifetimes, min_idle: once a second.

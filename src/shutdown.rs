@@ -50,6 +50,12 @@ pub struct Shutdown {
     boundary: CancellationToken,
     /// Sessions close now (after cancelling a running query and a short grace).
     force: CancellationToken,
+    /// Mirrors of the three tokens, set just before each is cancelled: sessions test these on
+    /// every relay step (an atomic load), where `CancellationToken::is_cancelled` would lock a
+    /// mutex shared by every session.
+    draining: AtomicBool,
+    boundary_flag: AtomicBool,
+    force_flag: AtomicBool,
     /// The listener has closed or the accept window is over: refuse logins.
     refuse: AtomicBool,
     kind: Mutex<Option<DrainKind>>,
@@ -69,6 +75,9 @@ impl Shutdown {
             drain: CancellationToken::new(),
             boundary: CancellationToken::new(),
             force: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            boundary_flag: AtomicBool::new(false),
+            force_flag: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
             kind: Mutex::new(None),
             stats: DrainStats::default(),
@@ -95,10 +104,14 @@ impl Shutdown {
                 *k = Some(kind);
                 self.set_phase(Phase::Draining);
                 // The drain token first: sessions woken below must already see a drain.
+                self.draining.store(true, Ordering::SeqCst);
                 self.drain.cancel();
                 match kind {
                     DrainKind::Graceful => {}
-                    DrainKind::Boundary => self.boundary.cancel(),
+                    DrainKind::Boundary => {
+                        self.boundary_flag.store(true, Ordering::SeqCst);
+                        self.boundary.cancel();
+                    }
                     DrainKind::Forced => self.force_now(),
                 }
                 tracing::info!(kind = ?kind, "drain started");
@@ -114,6 +127,8 @@ impl Shutdown {
     /// Close every client now (deadline reached or forced).
     pub fn force_now(&self) {
         self.refuse.store(true, Ordering::Release);
+        self.boundary_flag.store(true, Ordering::SeqCst);
+        self.force_flag.store(true, Ordering::SeqCst);
         self.boundary.cancel();
         self.force.cancel();
     }
@@ -123,11 +138,17 @@ impl Shutdown {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.drain.is_cancelled()
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Sessions must close at their next transaction boundary (set before the boundary
+    /// token is cancelled, so a task woken by the token sees it).
+    pub fn is_boundary(&self) -> bool {
+        self.boundary_flag.load(Ordering::SeqCst)
     }
 
     pub fn is_forced(&self) -> bool {
-        self.force.is_cancelled()
+        self.force_flag.load(Ordering::SeqCst)
     }
 
     pub fn drain_token(&self) -> CancellationToken {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -291,4 +292,84 @@ fn listener_certificate_reloads_on_sighup() {
     );
     tp.signal("TERM");
     assert_eq!(tp.wait(Duration::from_secs(10)), Some(0));
+}
+
+/// CPU time (utime + stime, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// An idle session waits for its client without a buffer (plain TCP) or with one (TLS, where
+/// the socket's readiness says nothing about decrypted bytes). Either way it must sleep, not
+/// poll in a loop: a regression here once made a TLS client's idle session spin.
+#[test]
+fn idle_sessions_use_no_cpu() {
+    let certs = make_certs();
+    let pg = PgCluster::shared();
+    let db = pg.create_db("idle_cpu");
+    let listen = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\", mode = \"prefer\" }}",
+        certs.good_crt.display(),
+        certs.good_key.display()
+    );
+    let text = config(pg, &listen, "").replace("[databases.app]", &format!("[databases.{db}]"));
+    let mut tp = TidepoolProcess::start(&text);
+    let mut clients = Vec::new();
+    for sslmode in ["require", "disable", "require", "disable"] {
+        let mut child = Command::new("psql")
+            .args(["-X", "-At", "-d"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname={db} sslmode={sslmode} connect_timeout=5",
+                tp.port
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let stdin = child.stdin.as_mut().expect("psql stdin");
+        stdin.write_all(b"SELECT 'ok';\n").unwrap();
+        stdin.flush().unwrap();
+        // The answer arrived: the client is logged in, and idle from now on. (Bounded: a
+        // session spinning without yielding can stall tidepool's worker threads.)
+        let stdout = child.stdout.take().expect("psql stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(10));
+        if line.is_err() {
+            let _ = child.kill();
+        }
+        assert_eq!(
+            line.as_deref().map(str::trim),
+            Ok("ok"),
+            "psql sslmode={sslmode}"
+        );
+        clients.push(child);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = tp.child.id();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    // 100 ticks a second: a spinning session would use ~200 here; an idle process ~0.
+    assert!(
+        used <= 20,
+        "tidepool used {used} ticks in 2 s with only idle clients"
+    );
+    for mut c in clients {
+        c.stdin.take().unwrap().write_all(b"\\q\n").unwrap();
+        assert!(c.wait().unwrap().success());
+    }
+    tp.signal("TERM");
+    assert_eq!(tp.wait(Duration::from_secs(10)), Some(0), "{}", tp.log());
+    let report = tp.drain_report().expect("drain report");
+    assert_eq!(report["leaked"], 0, "{report}");
 }

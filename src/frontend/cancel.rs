@@ -44,13 +44,21 @@ impl ClientShared {
     /// The client is about to give its server back: from now on cancels are dropped, and this
     /// waits (bounded) until cancels already sent to the server have been delivered.
     pub async fn release(&self) {
-        {
-            let mut s = self.lock();
-            s.server = None;
-            if s.inflight == 0 {
-                return;
-            }
+        if !self.try_release() {
+            self.wait_released().await;
         }
+    }
+
+    /// The synchronous half of [`release`](Self::release): true when no cancel is in flight
+    /// (nothing to wait for), else [`wait_released`](Self::wait_released) must be awaited.
+    pub fn try_release(&self) -> bool {
+        let mut s = self.lock();
+        s.server = None;
+        s.inflight == 0
+    }
+
+    /// Wait (bounded) until the cancels in flight have been delivered.
+    pub async fn wait_released(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 let notified = self.delivered.notified();

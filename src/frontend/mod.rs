@@ -48,28 +48,37 @@ impl LoginError {
     }
 }
 
-/// Serve one accepted client connection until it leaves.
-pub async fn serve_client(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
+/// Serve one accepted client connection until it leaves. `slot` is dropped when it has.
+///
+/// Not an `async fn`, and the login is boxed: the task's future is as large as its largest
+/// await point plus the arguments it keeps, and a client spends its life in the relay, so
+/// neither the one-time login nor a second copy of the arguments may size every idle client.
+pub fn serve_client(
+    shared: Arc<Shared>,
+    sock: TcpStream,
+    peer: SocketAddr,
+    slot: impl Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!("client", client.addr = %peer);
     async move {
+        let _slot = slot;
         let _ = sock.set_nodelay(true);
-        if let Err(e) = serve_inner(&shared, sock).await {
-            tracing::debug!(error = %e, "client connection ended with an error");
-        }
+        let Some((sock, login)) = Box::pin(login(&shared, sock)).await else {
+            return;
+        };
+        relay::run(shared, sock, login).await;
     }
     .instrument(span)
-    .await
 }
 
-async fn serve_inner(shared: &Arc<Shared>, tcp: TcpStream) -> std::io::Result<()> {
+/// Startup, authentication and attaching to a pool; a refused client gets its FATAL here.
+async fn login(shared: &Arc<Shared>, tcp: TcpStream) -> Option<(ClientStream, LoggedIn)> {
     let mut sock = ClientStream::Plain(tcp);
     let rt = shared.runtime();
     let over_limit = shared.client_count() > rt.config.listen.max_clients;
     // listen.login_timeout bounds startup and authentication; waiting for a server after
     // that is bounded by the pool's checkout_timeout.
     let deadline = tokio::time::Instant::now() + rt.config.listen.login_timeout;
-    // Login is boxed: a client spends its life in the relay, and the task's future is as large
-    // as its largest await point, so one-time steps must not size every idle client.
     let hello = tokio::time::timeout_at(
         deadline,
         Box::pin(handshake(shared, &rt, &mut sock, over_limit)),
@@ -77,7 +86,7 @@ async fn serve_inner(shared: &Arc<Shared>, tcp: TcpStream) -> std::io::Result<()
     .await;
     let result = match hello {
         Ok(Ok(Some(h))) => Box::pin(attach(shared, &rt, &mut sock, h)).await,
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return None,
         Ok(Err(e)) => Err(e),
         Err(_) => Err(LoginError::new(
             // Postgres's wording for authentication_timeout (SQLSTATE 57014).
@@ -87,16 +96,16 @@ async fn serve_inner(shared: &Arc<Shared>, tcp: TcpStream) -> std::io::Result<()
         )),
     };
     match result {
-        Ok(session) => relay::run(shared.clone(), sock, session).await,
+        Ok(session) => Some((sock, session)),
         Err(e) => {
             shared.metrics.reject(e.reason);
             tracing::info!(code = %e.code, reason = ?e.reason, "login refused: {}", e.message);
             let mut out = BytesMut::new();
             protocol::error_response(&mut out, Severity::Fatal, &e.code, &e.message);
             let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&out)).await;
+            None
         }
     }
-    Ok(())
 }
 
 /// What login hands to the relay.
@@ -108,8 +117,6 @@ pub struct LoggedIn {
     pub key: crate::backend::BackendKey,
     /// Session mode: the server the client keeps until logout.
     pub server: Option<crate::pool::Checkout>,
-    pub user: String,
-    pub database: String,
 }
 
 async fn read_startup(sock: &mut ClientStream) -> Result<Option<StartupPacket>, LoginError> {
@@ -325,6 +332,7 @@ async fn attach(
         }
         client_params.adopt_reported(&server.params);
     }
+    client_params.intern(&pool);
     let reported = server
         .as_ref()
         .map(|s| s.params.clone())
@@ -367,8 +375,6 @@ async fn attach(
         shared: cshared,
         key,
         server,
-        user,
-        database,
     })
 }
 

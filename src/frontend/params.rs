@@ -11,6 +11,7 @@
 //! at startup (`options=-c statement_timeout=...`), whose value on each server is what tidepool
 //! applied there (`ServerConn::applied`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{Params, ServerConn};
@@ -57,7 +58,10 @@ pub fn desired_settings(startup: &[(String, String)]) -> Result<Vec<(String, Str
 /// What one client believes its session parameters are.
 #[derive(Debug, Clone, Default)]
 pub struct ClientParams {
-    values: Params,
+    /// Shared, copy-on-write: the clients of one pool usually have identical values, and
+    /// [`intern`](Self::intern) lets them share one copy (an idle client then costs a
+    /// pointer here, not a dozen strings).
+    values: Arc<Params>,
     /// `values.fingerprint()`, kept current: compared with a server's `synced_fp` to skip the
     /// comparison on the hot path (clients of one application usually share all values).
     fp: u64,
@@ -82,7 +86,15 @@ impl ClientParams {
             values.set(&k, &v);
         }
         let fp = values.fingerprint();
-        ClientParams { values, fp }
+        ClientParams {
+            values: Arc::new(values),
+            fp,
+        }
+    }
+
+    /// Share the values with other clients of `pool` that have the same ones.
+    pub fn intern(&mut self, pool: &crate::pool::Pool) {
+        self.values = pool.intern_params(self.values.clone());
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -95,14 +107,15 @@ impl ClientParams {
         let tracked =
             self.values.get(name).is_some() || TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name));
         if tracked && self.values.get(name) != Some(value) {
-            self.values.set(name, value);
+            Arc::make_mut(&mut self.values).set(name, value);
             self.fp = self.values.fingerprint();
         }
     }
 
     /// After a sync, take the server's normalised value for every reported parameter.
     pub fn adopt_reported(&mut self, server: &Params) {
-        if self.values.update_from(server) {
+        if self.values.update_from_would_change(server) {
+            Arc::make_mut(&mut self.values).update_from(server);
             self.fp = self.values.fingerprint();
         }
     }
@@ -135,14 +148,33 @@ pub async fn sync(
     client: &mut ClientParams,
     timeout: Duration,
 ) -> Result<(), (String, String)> {
+    match check(server, client) {
+        None => Ok(()),
+        Some(sql) => apply(server, client, &sql, timeout).await,
+    }
+}
+
+/// The synchronous half of [`sync`]: `None` when the server already has the client's values
+/// (the common case, decided by fingerprint), else the SQL that [`apply`] must run.
+pub fn check(server: &mut ServerConn, client: &ClientParams) -> Option<String> {
     if server.synced_fp == Some(client.fp) {
-        return Ok(());
+        return None;
     }
     let Some(sql) = client.diff(server) else {
         server.synced_fp = Some(client.fp);
-        return Ok(());
+        return None;
     };
-    match server.exec(&sql, timeout).await {
+    Some(sql)
+}
+
+/// Run the SQL [`check`] returned and record what the server now has.
+pub async fn apply(
+    server: &mut ServerConn,
+    client: &mut ClientParams,
+    sql: &str,
+    timeout: Duration,
+) -> Result<(), (String, String)> {
+    match server.exec(sql, timeout).await {
         Ok(o) => {
             if let Some(err) = o.error {
                 return Err(err);

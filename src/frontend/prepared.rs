@@ -206,16 +206,23 @@ pub fn put_close_stmt(out: &mut BytesMut, name: &str) {
 
 /// Does a simple query drop every prepared statement (`DEALLOCATE ALL`, `DISCARD ALL`)?
 pub fn drops_all_statements(query: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(&query[..query.len().min(64)]).to_ascii_uppercase();
-    let words: Vec<&str> = text
-        .split(|c: char| c.is_whitespace() || c == ';' || c == '\0')
-        .filter(|w| !w.is_empty())
-        .take(3)
-        .collect();
-    matches!(
-        words.as_slice(),
-        ["DEALLOCATE", "ALL", ..] | ["DEALLOCATE", "PREPARE", "ALL"] | ["DISCARD", "ALL", ..]
-    )
+    // Runs on every simple Query in transaction mode: no allocation, and an ordinary query
+    // is rejected after its first word. Only the first 64 bytes are looked at.
+    let text = &query[..query.len().min(64)];
+    let mut words = text
+        .split(|&c| c.is_ascii_whitespace() || c == b';' || c == 0)
+        .filter(|w| !w.is_empty());
+    let mut word = || words.next().unwrap_or_default();
+    let is = |w: &[u8], keyword: &[u8]| w.eq_ignore_ascii_case(keyword);
+    let first = word();
+    if is(first, b"DISCARD") {
+        return is(word(), b"ALL");
+    }
+    if !is(first, b"DEALLOCATE") {
+        return false;
+    }
+    let second = word();
+    is(second, b"ALL") || (is(second, b"PREPARE") && is(word(), b"ALL"))
 }
 
 #[cfg(test)]
@@ -255,6 +262,12 @@ mod tests {
         assert!(drops_all_statements(b"DISCARD ALL\0"));
         assert!(!drops_all_statements(b"DEALLOCATE s1\0"));
         assert!(!drops_all_statements(b"SELECT 1\0"));
+        assert!(drops_all_statements(b"discard\tall\0"));
+        assert!(!drops_all_statements(b"DEALLOCATE PREPARE s1\0"));
+        assert!(!drops_all_statements(b"DISCARD PLANS\0"));
+        assert!(!drops_all_statements(b"SELECT 'DISCARD ALL'\0"));
+        assert!(!drops_all_statements(b"\0"));
+        assert!(!drops_all_statements(b""));
     }
 
     #[test]

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
@@ -30,7 +31,7 @@ use bytes::BufMut;
 use crate::frontend::params;
 use crate::frontend::prepared::{self, Action, Kind, Pending, Stmt};
 use crate::frontend::LoggedIn;
-use crate::metrics::{ClientGauges, ClientState, PoolMetrics};
+use crate::metrics::{ClientGauges, ClientState};
 use crate::pool::Checkout;
 use crate::protocol::{self, Severity};
 use crate::server::Shared;
@@ -70,12 +71,51 @@ enum Ev {
     Boundary,
     Force,
     ForceDeadline,
+    /// Nothing in flight any more: the session may go back to its idle wait.
+    Idle,
+}
+
+/// A session's view of the drain signals (see `Session::relay`).
+struct DrainWatch<'a, 't> {
+    boundary: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'t>>,
+    force: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'t>>,
+    /// The waker the two futures were last polled with.
+    registered: Option<std::task::Waker>,
+    boundary_seen: bool,
+    force_seen: bool,
+}
+
+impl DrainWatch<'_, '_> {
+    /// A drain signal not yet handled, if any. Cheap enough for every relay step: two atomic
+    /// loads, and a poll of the token futures only when the task's waker changed.
+    fn poll(&mut self, shutdown: &crate::shutdown::Shutdown, cx: &mut Context<'_>) -> Option<Ev> {
+        if !self.force_seen && shutdown.is_forced() {
+            return Some(Ev::Force);
+        }
+        if !self.boundary_seen && shutdown.is_boundary() {
+            return Some(Ev::Boundary);
+        }
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            // Ready here means cancelled: the flags above then say so as well.
+            if !self.force_seen && self.force.as_mut().poll(cx).is_ready() {
+                return Some(Ev::Force);
+            }
+            if !self.boundary_seen && self.boundary.as_mut().poll(cx).is_ready() {
+                return Some(Ev::Boundary);
+            }
+            self.registered = Some(cx.waker().clone());
+        }
+        None
+    }
 }
 
 struct Session {
     shared: Arc<Shared>,
     login: LoggedIn,
-    metrics: PoolMetrics,
     server: Option<Checkout>,
     /// Client → server bytes; `[..c_ready]` is framed and may be written.
     cbuf: BytesMut,
@@ -128,109 +168,266 @@ impl Drop for Session {
     fn drop(&mut self) {
         gauge_of(&self.shared.metrics.client_gauges, self.gauge).dec();
         self.shared.cancels.unregister(self.login.key);
+        spare::give(std::mem::take(&mut self.cbuf));
+        spare::give(std::mem::take(&mut self.sbuf));
+    }
+}
+
+/// Read buffers between transactions. An idle session holds no buffer (the memory goal: a
+/// thousand idle clients must not hold a thousand read buffers), so a transaction-mode session
+/// takes two buffers per transaction and gives them back after it. Taking them from a small
+/// per-thread stack of spares instead of the allocator saves a `malloc`/`free` pair of 16 KiB
+/// each (which glibc serves from its bins, not its per-thread cache, and trims with `madvise`)
+/// on every transaction. The stack is bounded, so it costs at most `MAX * READ_CHUNK` per
+/// runtime thread, whatever the number of clients.
+mod spare {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    use super::READ_CHUNK;
+
+    /// Spares kept per thread: about the number of sessions one thread has mid-transaction.
+    const MAX: usize = 16;
+
+    thread_local! {
+        static SPARES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Make room to read into `buf`: take a spare buffer if it has none, else grow it when
+    /// less than 1 KiB is free.
+    pub(super) fn make_room(buf: &mut BytesMut) {
+        if buf.capacity() == 0 {
+            *buf = SPARES
+                .with(|s| s.borrow_mut().pop())
+                .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK));
+        } else if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+    }
+
+    /// Keep an empty buffer of the standard size as a spare; free anything else.
+    pub(super) fn give(mut buf: BytesMut) {
+        if !buf.is_empty() || buf.capacity() == 0 {
+            return;
+        }
+        // An empty buffer that was advanced into reclaims its whole allocation here, without
+        // allocating (it is the sole owner); grown buffers are not kept.
+        buf.reserve(READ_CHUNK);
+        if buf.capacity() != READ_CHUNK {
+            return;
+        }
+        let _ = SPARES.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < MAX {
+                s.push(buf);
+            }
+        });
     }
 }
 
 /// Relay a logged-in client until it leaves, then settle its server and cancel key.
-pub async fn run(shared: Arc<Shared>, mut client: ClientStream, login: LoggedIn) {
-    let metrics = login.pool.inner.metrics.clone();
-    let max_msg = shared.runtime().config.listen.max_message_size;
-    let gauge = if login.server.is_some() {
-        ClientState::active
-    } else {
-        ClientState::idle
-    };
-    gauge_of(&shared.metrics.client_gauges, gauge).inc();
-    let track = login.mode == PoolMode::Transaction;
-    let mut s = Session {
-        gauge,
-        track,
-        pending: VecDeque::new(),
-        stmts: HashMap::new(),
-        c_need: 0,
-        shared: shared.clone(),
-        server: None,
-        login,
-        metrics,
-        cbuf: BytesMut::new(),
-        c_ready: 0,
-        c_rem: 0,
-        c_tag: 0,
-        sbuf: BytesMut::new(),
-        s_ready: 0,
-        s_rem: 0,
-        s_last_tag: 0,
-        s_last_fatal: false,
-        max_msg,
-        close_at_boundary: false,
-        force_deadline: None,
-        forced: false,
-        txn_started: None,
-    };
-    s.server = s.login.server.take();
-    let exit = s.relay(&mut client).await;
-    tracing::debug!(?exit, "client session ended");
-    if shared.shutdown.is_draining() {
-        let stats = &shared.shutdown.stats;
-        let counter = match exit {
-            Exit::Shutdown if s.forced => &stats.clients_forced,
-            Exit::Shutdown => &stats.clients_closed_at_boundary,
-            _ => &stats.clients_left,
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    // Cold paths are boxed to keep the session future (and so every idle client) small.
-    Box::pin(s.finish(&mut client, exit)).await;
-    Box::pin(s.hand_off()).await;
-    // Dropping the session settles its gauge and cancel key (also when the task panics).
-    tracing::info!(user = %s.login.user, database = %s.login.database, "client disconnected");
+///
+/// Not an `async fn`: the session is built here, synchronously, and the returned future holds
+/// only it and the client stream. (An `async fn` would keep its arguments in the future next
+/// to the session built from them: bytes paid by every idle client.)
+pub fn run(
+    shared: Arc<Shared>,
+    client: ClientStream,
+    login: LoggedIn,
+) -> impl std::future::Future<Output = ()> + Send {
+    let mut s = Session::new(shared, login);
+    let mut client = client;
+    // Captured by the block and used in place: one copy of each in the future.
+    async move { s.run(&mut client).await }
 }
 
 impl Session {
+    fn new(shared: Arc<Shared>, login: LoggedIn) -> Session {
+        let max_msg = shared.runtime().config.listen.max_message_size;
+        let gauge = if login.server.is_some() {
+            ClientState::active
+        } else {
+            ClientState::idle
+        };
+        gauge_of(&shared.metrics.client_gauges, gauge).inc();
+        let track = login.mode == PoolMode::Transaction;
+        let mut s = Session {
+            gauge,
+            track,
+            pending: VecDeque::new(),
+            stmts: HashMap::new(),
+            c_need: 0,
+            shared,
+            server: None,
+            login,
+            cbuf: BytesMut::new(),
+            c_ready: 0,
+            c_rem: 0,
+            c_tag: 0,
+            sbuf: BytesMut::new(),
+            s_ready: 0,
+            s_rem: 0,
+            s_last_tag: 0,
+            s_last_fatal: false,
+            max_msg,
+            close_at_boundary: false,
+            force_deadline: None,
+            forced: false,
+            txn_started: None,
+        };
+        s.server = s.login.server.take();
+        s
+    }
+
+    async fn run(&mut self, client: &mut ClientStream) {
+        let s = self;
+        let exit = s.relay(client).await;
+        tracing::debug!(?exit, "client session ended");
+        if s.shared.shutdown.is_draining() {
+            let stats = &s.shared.shutdown.stats;
+            let counter = match exit {
+                Exit::Shutdown if s.forced => &stats.clients_forced,
+                Exit::Shutdown => &stats.clients_closed_at_boundary,
+                _ => &stats.clients_left,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Cold paths are boxed to keep the session future (and so every idle client) small.
+        Box::pin(s.finish(client, exit)).await;
+        Box::pin(s.hand_off()).await;
+        // Dropping the session settles its gauge and cancel key (also when the task panics).
+        tracing::info!(pool = s.login.pool.name(), "client disconnected");
+    }
+}
+
+impl Session {
+    /// The session alternates between idle (no server, no buffers: it waits in a small
+    /// future for the client's next bytes) and active (a boxed future that relays until the
+    /// session is idle again). The task of an idle client is then only as large as the idle
+    /// state; the active state is allocated once per transaction.
     async fn relay(&mut self, client: &mut ClientStream) -> Exit {
-        // Created and pinned once: a `cancelled()` future registers a waiter when first
-        // polled, which must not happen per loop iteration on the hot path.
+        // Drain signals. The `cancelled()` futures are created and pinned once and polled
+        // only to register this task's waker with the tokens (again only if the waker
+        // changes); every relay step tests the shutdown flags instead, an atomic load each.
+        // Polling the futures on every step would lock the tokens' mutexes, which all
+        // sessions share. The flags are set before the tokens are cancelled, so the wake-up
+        // a cancellation sends finds them set.
         let boundary_token = self.shared.shutdown.boundary_token();
         let force_token = self.shared.shutdown.force_token();
-        let mut boundary = std::pin::pin!(boundary_token.cancelled());
-        let mut force = std::pin::pin!(force_token.cancelled());
-        let mut boundary_seen = false;
-        let mut force_seen = false;
+        let boundary = std::pin::pin!(boundary_token.cancelled());
+        let force = std::pin::pin!(force_token.cancelled());
+        let mut drain = DrainWatch {
+            boundary,
+            force,
+            registered: None,
+            boundary_seen: false,
+            force_seen: false,
+        };
+        loop {
+            if self.is_idle() {
+                let shutdown = &self.shared.shutdown;
+                let ev = std::future::poll_fn(|cx| {
+                    if let Some(ev) = drain.poll(shutdown, cx) {
+                        return Poll::Ready(Err(ev));
+                    }
+                    client.poll_read_ready(cx).map(Ok)
+                })
+                .await;
+                match ev {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Exit::ClientGone,
+                    // An idle client is at a transaction boundary: any drain closes it now.
+                    Err(_) => return Exit::Shutdown,
+                }
+            }
+            if let Some(exit) = Box::pin(self.active(client, &mut drain)).await {
+                return exit;
+            }
+        }
+    }
+
+    /// No server, no bytes buffered either way, no drain in progress for this session.
+    fn is_idle(&self) -> bool {
+        self.server.is_none()
+            && self.cbuf.capacity() == 0
+            && self.sbuf.capacity() == 0
+            && !self.close_at_boundary
+            && self.force_deadline.is_none()
+    }
+
+    /// Relay until the session exits (`Some`) or is idle again (`None`).
+    async fn active(
+        &mut self,
+        client: &mut ClientStream,
+        drain: &mut DrainWatch<'_, '_>,
+    ) -> Option<Exit> {
+        let mut stepped = false;
         loop {
             if self.server.is_some() && self.shared.take_test_panic() {
                 panic!("test hook: session task panics while holding a server");
             }
             // Closing: leave as soon as the client is at a transaction boundary.
             if (self.close_at_boundary || self.force_deadline.is_some()) && self.at_boundary() {
-                return Exit::Shutdown;
+                return Some(Exit::Shutdown);
             }
             if let Some(d) = self.force_deadline {
                 if tokio::time::Instant::now() >= d {
-                    return Exit::Shutdown;
+                    return Some(Exit::Shutdown);
                 }
             }
             if self.server.is_none() && !self.cbuf.is_empty() && self.force_deadline.is_none() {
                 let tag = self.cbuf[0];
                 if tag == b'X' {
-                    return Exit::ClientGone;
+                    return Some(Exit::ClientGone);
                 }
                 if !protocol::is_frontend_tag(tag) {
-                    return Exit::Protocol(format!("invalid frontend message type {tag}"));
+                    return Some(Exit::Protocol(format!(
+                        "invalid frontend message type {tag}"
+                    )));
                 }
                 // A bad length is refused before a server is borrowed for it.
                 if let Err(e) = protocol::header(&self.cbuf, self.max_msg) {
-                    return Exit::Protocol(e.to_string());
+                    return Some(Exit::Protocol(e.to_string()));
                 }
-                if let Some(exit) = Box::pin(self.acquire(client)).await {
-                    return exit;
+                // Hot path, no await: an idle server whose parameters already match. Anything
+                // else (flushing, waiting, connecting, a parameter sync) is boxed, to keep the
+                // session future (and so every idle client) small.
+                let ready = if self.s_ready == 0 {
+                    self.login.pool.checkout_idle()
+                } else {
+                    None
+                };
+                let exit = match ready {
+                    Some(mut server) => match params::check(&mut server, &self.login.params) {
+                        None => {
+                            self.set_gauge(ClientState::active);
+                            self.start(server);
+                            None
+                        }
+                        Some(sql) => {
+                            self.set_gauge(ClientState::active);
+                            Box::pin(self.sync_and_start(server, sql)).await
+                        }
+                    },
+                    None => Box::pin(self.acquire(client)).await,
+                };
+                if let Some(exit) = exit {
+                    return Some(exit);
                 }
             }
             self.shed_buffers();
+            // Back to the idle wait once a step has left nothing in flight (not before the
+            // first step: the idle wait only ran because the client is readable).
+            if stepped && self.is_idle() {
+                return None;
+            }
+            stepped = true;
             if self.server.is_some() {
                 match self.scan_client() {
                     Ok(true) => {}
-                    Ok(false) => return Exit::ClientGone,
-                    Err(e) => return Exit::Protocol(e),
+                    Ok(false) => return Some(Exit::ClientGone),
+                    Err(e) => return Some(Exit::Protocol(e)),
                 }
             }
 
@@ -246,18 +443,23 @@ impl Session {
                 let idle = self.server.is_none() && self.cbuf.capacity() == 0;
                 let cbuf = &mut self.cbuf;
                 let sbuf = &mut self.sbuf;
-                if reading_client && !idle && c_ready == 0 && cbuf.capacity() - cbuf.len() < 1024 {
-                    cbuf.reserve(READ_CHUNK);
+                if reading_client && !idle && c_ready == 0 {
+                    spare::make_room(cbuf);
                 }
                 let mut server = self.server.as_mut().map(|s| s.stream());
-                if server.is_some() && s_ready == 0 && sbuf.capacity() - sbuf.len() < 1024 {
-                    sbuf.reserve(READ_CHUNK);
+                if server.is_some() && s_ready == 0 {
+                    spare::make_room(sbuf);
                 }
                 let client = &mut *client;
                 // One step per direction, polled together: write what is framed, else read.
                 // Polling by hand (rather than splitting the streams) works for TLS streams
                 // as well as plain TCP and costs nothing per iteration.
+                let shutdown = &self.shared.shutdown;
+                let drain = &mut *drain;
                 let io = std::future::poll_fn(|cx| {
+                    if let Some(ev) = drain.poll(shutdown, cx) {
+                        return Poll::Ready(ev);
+                    }
                     if c_ready > 0 {
                         if let Some(sw) = server.as_mut() {
                             if let Poll::Ready(r) =
@@ -270,7 +472,7 @@ impl Session {
                         let ready = if cbuf.capacity() == 0 {
                             match client.poll_read_ready(cx) {
                                 Poll::Ready(Ok(())) => {
-                                    cbuf.reserve(READ_CHUNK);
+                                    spare::make_room(cbuf);
                                     true
                                 }
                                 Poll::Ready(Err(e)) => return Poll::Ready(Ev::ClientRead(Err(e))),
@@ -285,9 +487,15 @@ impl Session {
                                 return Poll::Ready(Ev::ClientRead(r));
                             }
                             // Readiness was stale (tokio remembers "readable" until a read
-                            // finds nothing, which just happened): give the buffer back.
-                            if idle && cbuf.is_empty() {
-                                *cbuf = BytesMut::new();
+                            // finds nothing, which just happened): give the buffer back, and
+                            // go back to the idle wait if nothing else is in flight.
+                            // (Not under TLS, where readiness is always reported: the
+                            // session waits here, holding its buffer.)
+                            if idle && cbuf.is_empty() && !client.is_tls() {
+                                spare::give(std::mem::take(cbuf));
+                                if server.is_none() && s_ready == 0 && sbuf.is_empty() {
+                                    return Poll::Ready(Ev::Idle);
+                                }
                             }
                         }
                     }
@@ -306,17 +514,21 @@ impl Session {
                 });
                 let deadline = self.force_deadline;
                 tokio::select! {
+                    biased;
                     ev = io => ev,
-                    _ = &mut boundary, if !boundary_seen => Ev::Boundary,
-                    _ = &mut force, if !force_seen => Ev::Force,
                     _ = sleep_until_opt(deadline), if deadline.is_some() => Ev::ForceDeadline,
                 }
             };
 
             match ev {
-                Ev::ClientRead(Ok(0)) | Ev::ClientRead(Err(_)) => return Exit::ClientGone,
+                Ev::ClientRead(Ok(0)) | Ev::ClientRead(Err(_)) => return Some(Exit::ClientGone),
                 Ev::ClientRead(Ok(n)) => {
-                    self.metrics.bytes_received.inc_by(n as u64);
+                    self.login
+                        .pool
+                        .inner
+                        .metrics
+                        .bytes_received
+                        .inc_by(n as u64);
                 }
                 Ev::ServerWrote(Ok(n)) => {
                     self.cbuf.advance(n);
@@ -324,46 +536,47 @@ impl Session {
                 }
                 Ev::ServerWrote(Err(_)) => {
                     self.mark_broken();
-                    return Exit::ServerLost {
+                    return Some(Exit::ServerLost {
                         server_said_error: false,
-                    };
+                    });
                 }
                 Ev::ServerRead(Ok(0)) | Ev::ServerRead(Err(_)) => {
                     // Forward what was framed (e.g. the server's FATAL) before reporting.
                     let _ = self.scan_server();
                     self.mark_broken();
-                    return Exit::ServerLost {
+                    return Some(Exit::ServerLost {
                         server_said_error: self.s_last_tag == b'E' && self.s_last_fatal,
-                    };
+                    });
                 }
                 Ev::ServerRead(Ok(_)) => {
                     if let Err(e) = self.scan_server() {
                         tracing::warn!(error = %e, "server protocol error");
                         self.mark_broken();
-                        return Exit::ServerLost {
+                        return Some(Exit::ServerLost {
                             server_said_error: false,
-                        };
+                        });
                     }
                     if self.releasable() {
-                        Box::pin(self.release()).await;
+                        self.release().await;
                     }
                 }
                 Ev::ClientWrote(Ok(n)) => {
-                    self.metrics.bytes_sent.inc_by(n as u64);
+                    self.login.pool.inner.metrics.bytes_sent.inc_by(n as u64);
                     self.sbuf.advance(n);
                     self.s_ready -= n;
                 }
-                Ev::ClientWrote(Err(_)) => return Exit::ClientGone,
+                Ev::ClientWrote(Err(_)) => return Some(Exit::ClientGone),
                 Ev::Boundary => {
-                    boundary_seen = true;
+                    drain.boundary_seen = true;
                     self.close_at_boundary = true;
                 }
                 Ev::Force => {
-                    force_seen = true;
-                    boundary_seen = true;
+                    drain.force_seen = true;
+                    drain.boundary_seen = true;
                     Box::pin(self.start_force()).await;
                 }
-                Ev::ForceDeadline => return Exit::Shutdown,
+                Ev::ForceDeadline => return Some(Exit::Shutdown),
+                Ev::Idle => {}
             }
         }
     }
@@ -405,7 +618,12 @@ impl Session {
             if client.write_all(&self.sbuf[..self.s_ready]).await.is_err() {
                 return Some(Exit::ClientGone);
             }
-            self.metrics.bytes_sent.inc_by(self.s_ready as u64);
+            self.login
+                .pool
+                .inner
+                .metrics
+                .bytes_sent
+                .inc_by(self.s_ready as u64);
             self.sbuf.advance(self.s_ready);
             self.s_ready = 0;
         }
@@ -415,15 +633,13 @@ impl Session {
             tokio::pin!(checkout);
             loop {
                 let room = self.cbuf.len() < BUF_LIMIT;
-                if self.cbuf.capacity() - self.cbuf.len() < 1024 {
-                    self.cbuf.reserve(READ_CHUNK);
-                }
+                spare::make_room(&mut self.cbuf);
                 tokio::select! {
                     r = &mut checkout => break Ok(r),
                     r = client.read_buf(&mut self.cbuf), if room => match r {
                         Ok(0) | Err(_) => break Err(Exit::ClientGone),
                         Ok(n) => {
-                            self.metrics.bytes_received.inc_by(n as u64);
+                            self.login.pool.inner.metrics.bytes_received.inc_by(n as u64);
                         }
                     },
                 }
@@ -448,17 +664,35 @@ impl Session {
             }
         };
         self.set_gauge(ClientState::active);
+        match params::check(&mut server, &self.login.params) {
+            None => {
+                self.start(server);
+                None
+            }
+            Some(sql) => self.sync_and_start(server, sql).await,
+        }
+    }
+
+    /// Bring a new server's parameters in line with the client's, then start using it.
+    async fn sync_and_start(&mut self, mut server: Checkout, sql: String) -> Option<Exit> {
         let timeout = self.shared.runtime().config.drain.server_close_timeout;
-        if let Err((code, msg)) = params::sync(&mut server, &mut self.login.params, timeout).await {
+        if let Err((code, msg)) =
+            params::apply(&mut server, &mut self.login.params, &sql, timeout).await
+        {
             self.server = Some(server);
             return Some(Exit::Sync(code, msg));
         }
+        self.start(server);
+        None
+    }
+
+    /// The client now holds `server` (its parameters are in sync).
+    fn start(&mut self, mut server: Checkout) {
         if self.login.mode == PoolMode::Session {
             server.set_reset_on_return(true);
         }
         self.login.shared.hold(server.addr, server.key);
         self.server = Some(server);
-        None
     }
 
     /// Return the server after a transaction (transaction mode).
@@ -466,10 +700,15 @@ impl Session {
         let Some(server) = self.server.take() else {
             return;
         };
-
-        self.login.shared.release().await;
-        self.metrics.transactions.inc();
-        self.metrics
+        // Usually no cancel is in flight and this does not wait.
+        if !self.login.shared.try_release() {
+            Box::pin(self.login.shared.wait_released()).await;
+        }
+        self.login.pool.inner.metrics.transactions.inc();
+        self.login
+            .pool
+            .inner
+            .metrics
             .transaction_duration
             .observe(server.since.elapsed());
         self.set_gauge(ClientState::idle);
@@ -481,10 +720,10 @@ impl Session {
     fn shed_buffers(&mut self) {
         if self.server.is_none() {
             if self.cbuf.is_empty() && self.cbuf.capacity() > 0 {
-                self.cbuf = BytesMut::new();
+                spare::give(std::mem::take(&mut self.cbuf));
             }
             if self.sbuf.is_empty() && self.sbuf.capacity() > 0 {
-                self.sbuf = BytesMut::new();
+                spare::give(std::mem::take(&mut self.sbuf));
             }
         }
     }
@@ -553,7 +792,7 @@ impl Session {
             match h.tag {
                 b'Q' => {
                     st.expected_rfq += 1;
-                    self.metrics.queries.inc();
+                    self.login.pool.inner.metrics.queries.inc();
                     if self.txn_started.is_none() {
                         self.txn_started = Some(std::time::Instant::now());
                     }
@@ -561,11 +800,11 @@ impl Session {
                 b'S' => {
                     st.expected_rfq += 1;
                     st.in_extended = false;
-                    self.metrics.queries.inc();
+                    self.login.pool.inner.metrics.queries.inc();
                 }
                 b'F' => {
                     st.expected_rfq += 1;
-                    self.metrics.queries.inc();
+                    self.login.pool.inner.metrics.queries.inc();
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
                     st.in_extended = true;
@@ -648,8 +887,13 @@ impl Session {
                             && st.txn_status == b'I'
                         {
                             if let Some(t0) = self.txn_started.take() {
-                                self.metrics.transactions.inc();
-                                self.metrics.transaction_duration.observe(t0.elapsed());
+                                self.login.pool.inner.metrics.transactions.inc();
+                                self.login
+                                    .pool
+                                    .inner
+                                    .metrics
+                                    .transaction_duration
+                                    .observe(t0.elapsed());
                             }
                         }
                     } else if let Some((k, v)) = protocol::parse_parameter_status(body) {
@@ -742,7 +986,7 @@ impl Session {
                 let name = name.to_vec();
                 let server = self.server.as_mut().ok_or_else(bad)?;
                 if server.stmts.has(stmt.id) {
-                    self.metrics.parses_avoided.inc();
+                    self.login.pool.inner.metrics.parses_avoided.inc();
                     self.pending.push_back(Pending {
                         kind: Kind::Parse,
                         action: Action::Synth(b'1'),
@@ -750,7 +994,7 @@ impl Session {
                         uses: None,
                     });
                 } else {
-                    self.metrics.parses_forwarded.inc();
+                    self.login.pool.inner.metrics.parses_forwarded.inc();
                     prepare_on(server, &stmt, cap, &mut out, &mut self.pending, false);
                 }
                 self.stmts.insert(name, stmt);
@@ -785,7 +1029,7 @@ impl Session {
                 };
                 let server = self.server.as_mut().ok_or_else(bad)?;
                 if !server.stmts.has(stmt.id) {
-                    self.metrics.parses_forwarded.inc();
+                    self.login.pool.inner.metrics.parses_forwarded.inc();
                     prepare_on(server, &stmt, cap, &mut out, &mut self.pending, true);
                 }
                 // The message with the server-side name.
@@ -988,8 +1232,11 @@ impl Session {
             }
         }
         if self.login.mode == PoolMode::Transaction {
-            self.metrics.transactions.inc();
-            self.metrics
+            self.login.pool.inner.metrics.transactions.inc();
+            self.login
+                .pool
+                .inner
+                .metrics
                 .transaction_duration
                 .observe(server.since.elapsed());
         }
@@ -1089,5 +1336,27 @@ mod tests {
         assert_eq!(&b[..], b"__abQdef");
         splice(&mut b, 6, 2, b"");
         assert_eq!(&b[..], b"__abQd");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use std::mem::size_of;
+
+    fn future_size<A, B, C, D, Fut, F: FnOnce(A, B, C, D) -> Fut>(_: F) -> usize {
+        size_of::<Fut>()
+    }
+
+    /// Every connected client's task is as large as this future, idle or not (the memory
+    /// goal of bench/RESULTS.md: under 2 KiB per idle client in all). The bound has slack for
+    /// compiler versions; growing past it means some state crossed an await point that
+    /// should be boxed or built outside the future.
+    #[test]
+    fn client_task_future_stays_small() {
+        let client = future_size(|a, b, c, d: ()| crate::frontend::serve_client(a, b, c, d));
+        let session = size_of::<super::Session>();
+        eprintln!("client task future: {client} bytes, session state: {session} bytes");
+        assert!(client <= 1280, "client task future is {client} bytes");
+        assert!(session <= 512, "session state is {session} bytes");
     }
 }
