@@ -152,7 +152,7 @@ async fn run_job(job: CloseJob, _done: Done) {
                 if clean {
                     if !pool.closed.load(Ordering::Acquire) {
                         pool.metrics.closing.dec();
-                        pool.park(conn);
+                        pool.park(conn, Instant::now());
                         drop(permit);
                         return;
                     }
@@ -344,7 +344,9 @@ impl Pool {
         let permit = inner.sem.clone().try_acquire_owned().ok()?;
         let conn = lock(&inner.idle).pop_back()?;
         inner.metrics.idle.dec();
-        if let Some(reason) = inner.unusable(&conn, &inner.settings()) {
+        // One clock read for the checks and the checkout time (reads are not free in a VM).
+        let now = Instant::now();
+        if let Some(reason) = inner.unusable(&conn, &inner.settings(), now) {
             inner.send_close(conn, reason);
             return None;
         }
@@ -353,7 +355,7 @@ impl Pool {
             .checkout_wait
             .observe(std::time::Duration::ZERO);
         inner.metrics.active.inc();
-        Some(Checkout::new(conn, permit, inner.clone()))
+        Some(Checkout::new(conn, permit, inner.clone(), now))
     }
 
     /// Like [`checkout`](Self::checkout), but only if a slot is free right now: `Ok(None)`
@@ -382,12 +384,13 @@ impl Pool {
             let candidate = lock(&inner.idle).pop_back();
             let Some(conn) = candidate else { break };
             inner.metrics.idle.dec();
-            if let Some(reason) = inner.unusable(&conn, settings) {
+            let now = Instant::now();
+            if let Some(reason) = inner.unusable(&conn, settings, now) {
                 inner.send_close(conn, reason);
                 continue;
             }
             inner.metrics.active.inc();
-            return Ok(Checkout::new(conn, permit, inner.clone()));
+            return Ok(Checkout::new(conn, permit, inner.clone(), now));
         }
         // Log in to a new server in a task of its own that owns the slot: if the client
         // waiting for it goes away meanwhile, the login still completes and the connection is
@@ -426,7 +429,8 @@ impl Pool {
             tracing::debug!(conn.id = conn.id, pool = %inner.name, pid = conn.key.pid, "server connection opened");
             inner.metrics.active.inc();
             // If nobody waits any more, the returned Checkout drops here: back to idle.
-            let _ = tx.send(Ok(Checkout::new(Box::new(conn), permit, inner.clone())));
+            let checkout = Checkout::new(Box::new(conn), permit, inner.clone(), Instant::now());
+            let _ = tx.send(Ok(checkout));
         });
         rx.await.unwrap_or(Err(CheckoutError::Closed))
     }
@@ -453,12 +457,13 @@ impl Pool {
             return;
         }
         let settings = inner.settings();
+        let now = Instant::now();
         let expired: Vec<(Conn, CloseReason)> = {
             let mut idle = lock(&inner.idle);
             let mut keep = VecDeque::with_capacity(idle.len());
             let mut out = Vec::new();
             while let Some(c) = idle.pop_front() {
-                match inner.unusable(&c, &settings) {
+                match inner.unusable(&c, &settings, now) {
                     Some(r) => out.push((c, r)),
                     None => keep.push_back(c),
                 }
@@ -572,9 +577,14 @@ impl PoolInner {
     }
 
     /// Why an idle connection must not be lent out, if it must not.
-    fn unusable(&self, conn: &ServerConn, settings: &PoolSettings) -> Option<CloseReason> {
-        let idle_for = conn.idle_since.elapsed();
-        if conn.age() >= settings.server_lifetime {
+    fn unusable(
+        &self,
+        conn: &ServerConn,
+        settings: &PoolSettings,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        let idle_for = now.saturating_duration_since(conn.idle_since);
+        if now.saturating_duration_since(conn.created) >= settings.server_lifetime {
             Some(CloseReason::lifetime)
         } else if idle_for >= settings.server_idle_timeout {
             Some(CloseReason::idle_timeout)
@@ -606,6 +616,7 @@ impl PoolInner {
         permit: Option<OwnedSemaphorePermit>,
         reset: bool,
         closed_as: Option<CloseReason>,
+        now: Instant,
     ) {
         self.metrics.active.dec();
         if !conn.is_clean() || reset {
@@ -626,14 +637,14 @@ impl PoolInner {
             return;
         }
         let settings = self.settings();
-        if conn.age() >= settings.server_lifetime {
+        if now.saturating_duration_since(conn.created) >= settings.server_lifetime {
             drop(permit);
             self.send_close(conn, CloseReason::lifetime);
         } else if self.is_stale(&conn) {
             drop(permit);
             self.send_close(conn, CloseReason::reload);
         } else {
-            self.park(conn);
+            self.park(conn, now);
             drop(permit);
         }
     }
@@ -645,12 +656,12 @@ impl PoolInner {
             self.send_close(conn, CloseReason::drain);
             return;
         }
-        self.park(conn);
+        self.park(conn, Instant::now());
         drop(permit);
     }
 
-    fn park(&self, mut conn: Conn) {
-        conn.idle_since = Instant::now();
+    fn park(&self, mut conn: Conn, now: Instant) {
+        conn.idle_since = now;
         lock(&self.idle).push_back(conn);
         self.metrics.idle.inc();
     }
@@ -734,18 +745,32 @@ pub struct Checkout {
     /// Why, if the connection ends up closed on return (`forced` for a forced session).
     close_reason: Option<CloseReason>,
     pub since: Instant,
+    /// When the caller gave the connection back, if it read the clock anyway (saves a read).
+    returned_at: Option<Instant>,
 }
 
 impl Checkout {
-    fn new(conn: Conn, permit: OwnedSemaphorePermit, pool: Arc<PoolInner>) -> Checkout {
+    fn new(
+        conn: Conn,
+        permit: OwnedSemaphorePermit,
+        pool: Arc<PoolInner>,
+        now: Instant,
+    ) -> Checkout {
         Checkout {
             conn: Some(conn),
             permit: Some(permit),
             pool,
             reset_on_return: false,
             close_reason: None,
-            since: Instant::now(),
+            since: now,
+            returned_at: None,
         }
+    }
+
+    /// Return the connection (by dropping the guard) as of `now`, a clock reading the caller
+    /// just took.
+    pub fn return_at(mut self, now: Instant) {
+        self.returned_at = Some(now);
     }
 
     pub fn set_reset_on_return(&mut self, reset: bool) {
@@ -801,8 +826,9 @@ impl Drop for Checkout {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             let permit = self.permit.take();
+            let now = self.returned_at.unwrap_or_else(Instant::now);
             self.pool
-                .give_back(conn, permit, self.reset_on_return, self.close_reason);
+                .give_back(conn, permit, self.reset_on_return, self.close_reason, now);
         }
     }
 }

@@ -704,15 +704,16 @@ impl Session {
         if !self.login.shared.try_release() {
             Box::pin(self.login.shared.wait_released()).await;
         }
+        let now = std::time::Instant::now();
         self.login.pool.inner.metrics.transactions.inc();
         self.login
             .pool
             .inner
             .metrics
             .transaction_duration
-            .observe(server.since.elapsed());
+            .observe(now.saturating_duration_since(server.since));
         self.set_gauge(ClientState::idle);
-        drop(server);
+        server.return_at(now);
     }
 
     /// Between transactions, give the buffers back: thousands of idle clients then cost only
