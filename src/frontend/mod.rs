@@ -138,9 +138,16 @@ async fn read_startup(sock: &mut ClientStream) -> Result<Option<StartupPacket>, 
     if sock.read_exact(&mut body).await.is_err() {
         return Ok(None);
     }
-    protocol::parse_startup(&body)
-        .map(Some)
-        .map_err(|e| LoginError::new("08P01", e.to_string(), RejectReason::protocol))
+    protocol::parse_startup(&body).map(Some).map_err(|e| {
+        // Postgres answers an unsupported protocol version with feature_not_supported
+        // (ProcessStartupPacket, src/backend/postmaster/postmaster.c in Postgres 15); other malformed
+        // packets are protocol violations.
+        let code = match e {
+            ProtocolError::Version { .. } => "0A000",
+            _ => "08P01",
+        };
+        LoginError::new(code, e.to_string(), RejectReason::protocol)
+    })
 }
 
 /// A client that passed startup and authentication.
