@@ -195,6 +195,9 @@ pub struct PoolInner {
     /// The client parameters of the latest login, shared with every later login that has the
     /// same values (see `ClientParams::intern`).
     client_params: Mutex<Option<Arc<Params>>>,
+    /// The latest transaction-mode login's greeting, reused by the next login with the same
+    /// startup parameters (see `params::greeting`).
+    greeting: Mutex<Option<crate::frontend::params::Greeting>>,
     conn_generation: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
@@ -250,6 +253,7 @@ impl Pool {
                 closed: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 client_params: Mutex::new(None),
+                greeting: Mutex::new(None),
                 conn_generation: Mutex::new(Default::default()),
             }),
         }
@@ -329,6 +333,14 @@ impl Pool {
                 params
             }
         }
+    }
+
+    pub fn cached_greeting(&self) -> Option<crate::frontend::params::Greeting> {
+        lock(&self.inner.greeting).clone()
+    }
+
+    pub fn cache_greeting(&self, greeting: crate::frontend::params::Greeting) {
+        *lock(&self.inner.greeting) = Some(greeting);
     }
 
     /// The hot path of a transaction-mode checkout, synchronous: a free slot and a usable

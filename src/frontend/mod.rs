@@ -326,24 +326,26 @@ async fn attach(
         }
     };
     let baseline = pool.baseline().unwrap_or_default();
-    let mut client_params = ClientParams::initial(Some(&baseline), &baseline, desired);
-    if let Some(server) = server.as_mut() {
-        if let Err((code, message)) = params::sync(
-            server,
-            &mut client_params,
-            rt.config.drain.server_close_timeout,
-        )
-        .await
-        {
-            return Err(LoginError::new(&code, message, RejectReason::protocol));
+    let (client_params, status) = match server.as_mut() {
+        // The common transaction-mode login: usually the pool's cached greeting.
+        None => params::greeting(&pool, &baseline, desired),
+        Some(server) => {
+            let mut client_params = ClientParams::initial(Some(&baseline), &baseline, desired);
+            if let Err((code, message)) = params::sync(
+                server,
+                &mut client_params,
+                rt.config.drain.server_close_timeout,
+            )
+            .await
+            {
+                return Err(LoginError::new(&code, message, RejectReason::protocol));
+            }
+            client_params.adopt_reported(&server.params);
+            client_params.intern(&pool);
+            let status = params::parameter_status(&server.params, &client_params);
+            (client_params, status)
         }
-        client_params.adopt_reported(&server.params);
-    }
-    client_params.intern(&pool);
-    let reported = server
-        .as_ref()
-        .map(|s| s.params.clone())
-        .unwrap_or_else(|| (*baseline).clone());
+    };
 
     let cshared = Arc::new(ClientShared::default());
     let real_pid = match (&server, settings.mode) {
@@ -353,10 +355,7 @@ async fn attach(
     let key = shared.cancels.register(real_pid, cshared.clone());
     let mut out = BytesMut::with_capacity(512);
     protocol::auth_ok(&mut out);
-    for (k, v) in reported.iter() {
-        let v = client_params.get(k).unwrap_or(v);
-        protocol::parameter_status(&mut out, k, v);
-    }
+    out.extend_from_slice(&status);
     protocol::backend_key_data(&mut out, key.pid, key.secret);
     protocol::ready_for_query(&mut out, b'I');
     if let Err(e) = sock.write_all(&out).await {
