@@ -193,8 +193,33 @@ async fn session_parameters_follow_each_client_across_one_server() {
         row_str(&c.simple_query("SHOW TimeZone").await.unwrap()),
         default_tz
     );
+    // Logins with equal startup parameters reuse the pool's cached greeting and share one
+    // parameter set; a SET by one of them stays its own (copy-on-write).
+    let beta = format!("{} application_name=beta", tp.conninfo(&db, "postgres"));
+    let d = tp.try_connect_str(&beta).await.unwrap();
+    let e = tp.try_connect_str(&beta).await.unwrap();
+    d.batch_execute("SET TimeZone = 'Europe/Paris'")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            row_str(&d.simple_query("SHOW TimeZone").await.unwrap()),
+            "Europe/Paris"
+        );
+        assert_eq!(
+            row_str(&e.simple_query("SHOW TimeZone").await.unwrap()),
+            default_tz
+        );
+        for client in [&d, &e] {
+            let app = client
+                .simple_query("SELECT current_setting('application_name')")
+                .await
+                .unwrap();
+            assert_eq!(row_str(&app), "beta");
+        }
+    }
     assert_eq!(tp.metric("tidepool_server_connections_opened_total"), 1);
-    drop((a, b, c));
+    drop((a, b, c, d, e));
     assert_eq!(tp.stop().await.leaked, 0);
 }
 
