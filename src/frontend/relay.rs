@@ -523,12 +523,7 @@ impl Session {
             match ev {
                 Ev::ClientRead(Ok(0)) | Ev::ClientRead(Err(_)) => return Some(Exit::ClientGone),
                 Ev::ClientRead(Ok(n)) => {
-                    self.login
-                        .pool
-                        .inner
-                        .metrics
-                        .bytes_received
-                        .inc_by(n as u64);
+                    self.pool_metrics().bytes_received.inc_by(n as u64);
                 }
                 Ev::ServerWrote(Ok(n)) => {
                     self.cbuf.advance(n);
@@ -561,7 +556,7 @@ impl Session {
                     }
                 }
                 Ev::ClientWrote(Ok(n)) => {
-                    self.login.pool.inner.metrics.bytes_sent.inc_by(n as u64);
+                    self.pool_metrics().bytes_sent.inc_by(n as u64);
                     self.sbuf.advance(n);
                     self.s_ready -= n;
                 }
@@ -618,12 +613,7 @@ impl Session {
             if client.write_all(&self.sbuf[..self.s_ready]).await.is_err() {
                 return Some(Exit::ClientGone);
             }
-            self.login
-                .pool
-                .inner
-                .metrics
-                .bytes_sent
-                .inc_by(self.s_ready as u64);
+            self.pool_metrics().bytes_sent.inc_by(self.s_ready as u64);
             self.sbuf.advance(self.s_ready);
             self.s_ready = 0;
         }
@@ -639,7 +629,7 @@ impl Session {
                     r = client.read_buf(&mut self.cbuf), if room => match r {
                         Ok(0) | Err(_) => break Err(Exit::ClientGone),
                         Ok(n) => {
-                            self.login.pool.inner.metrics.bytes_received.inc_by(n as u64);
+                            self.pool_metrics().bytes_received.inc_by(n as u64);
                         }
                     },
                 }
@@ -705,13 +695,7 @@ impl Session {
             Box::pin(self.login.shared.wait_released()).await;
         }
         let now = std::time::Instant::now();
-        self.login.pool.inner.metrics.transactions.inc();
-        self.login
-            .pool
-            .inner
-            .metrics
-            .transaction_duration
-            .observe(now.saturating_duration_since(server.since));
+        self.count_transaction(now.saturating_duration_since(server.since));
         self.set_gauge(ClientState::idle);
         server.return_at(now);
     }
@@ -727,6 +711,17 @@ impl Session {
                 spare::give(std::mem::take(&mut self.sbuf));
             }
         }
+    }
+
+    /// The pool's metrics (one set per pool, shared by its sessions).
+    fn pool_metrics(&self) -> &crate::metrics::PoolMetrics {
+        &self.login.pool.inner.metrics
+    }
+
+    fn count_transaction(&self, duration: std::time::Duration) {
+        let m = self.pool_metrics();
+        m.transactions.inc();
+        m.transaction_duration.observe(duration);
     }
 
     fn set_gauge(&mut self, to: ClientState) {
@@ -793,7 +788,7 @@ impl Session {
             match h.tag {
                 b'Q' => {
                     st.expected_rfq += 1;
-                    self.login.pool.inner.metrics.queries.inc();
+                    self.pool_metrics().queries.inc();
                     if self.txn_started.is_none() {
                         self.txn_started = Some(std::time::Instant::now());
                     }
@@ -801,11 +796,11 @@ impl Session {
                 b'S' => {
                     st.expected_rfq += 1;
                     st.in_extended = false;
-                    self.login.pool.inner.metrics.queries.inc();
+                    self.pool_metrics().queries.inc();
                 }
                 b'F' => {
                     st.expected_rfq += 1;
-                    self.login.pool.inner.metrics.queries.inc();
+                    self.pool_metrics().queries.inc();
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
                     st.in_extended = true;
@@ -888,13 +883,7 @@ impl Session {
                             && st.txn_status == b'I'
                         {
                             if let Some(t0) = self.txn_started.take() {
-                                self.login.pool.inner.metrics.transactions.inc();
-                                self.login
-                                    .pool
-                                    .inner
-                                    .metrics
-                                    .transaction_duration
-                                    .observe(t0.elapsed());
+                                self.count_transaction(t0.elapsed());
                             }
                         }
                     } else if let Some((k, v)) = protocol::parse_parameter_status(body) {
@@ -987,7 +976,7 @@ impl Session {
                 let name = name.to_vec();
                 let server = self.server.as_mut().ok_or_else(bad)?;
                 if server.stmts.has(stmt.id) {
-                    self.login.pool.inner.metrics.parses_avoided.inc();
+                    self.pool_metrics().parses_avoided.inc();
                     self.pending.push_back(Pending {
                         kind: Kind::Parse,
                         action: Action::Synth(b'1'),
@@ -995,6 +984,7 @@ impl Session {
                         uses: None,
                     });
                 } else {
+                    // (A field path: `server` borrows `self.server` mutably.)
                     self.login.pool.inner.metrics.parses_forwarded.inc();
                     prepare_on(server, &stmt, cap, &mut out, &mut self.pending, false);
                 }
@@ -1030,6 +1020,7 @@ impl Session {
                 };
                 let server = self.server.as_mut().ok_or_else(bad)?;
                 if !server.stmts.has(stmt.id) {
+                    // (A field path: `server` borrows `self.server` mutably.)
                     self.login.pool.inner.metrics.parses_forwarded.inc();
                     prepare_on(server, &stmt, cap, &mut out, &mut self.pending, true);
                 }
@@ -1233,11 +1224,8 @@ impl Session {
             }
         }
         if self.login.mode == PoolMode::Transaction {
-            self.login.pool.inner.metrics.transactions.inc();
-            self.login
-                .pool
-                .inner
-                .metrics
+            self.pool_metrics().transactions.inc();
+            self.pool_metrics()
                 .transaction_duration
                 .observe(server.since.elapsed());
         }
