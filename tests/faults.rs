@@ -66,29 +66,6 @@ fn closed_total(tp: &Tidepool, pool: &str, reason: &str) -> u64 {
     ) as u64
 }
 
-/// `tidepool_server_connections{pool, state}`.
-fn server_gauge(tp: &Tidepool, pool: &str, state: &str) -> i64 {
-    tp.metric_with(
-        "tidepool_server_connections",
-        &[("pool", pool), ("state", state)],
-    ) as i64
-}
-
-/// Wait until no server connection of `pool` is checked out or being recovered/closed.
-async fn settle(tp: &Tidepool, pool: &str) {
-    let ok = eventually(Duration::from_secs(8), || {
-        server_gauge(tp, pool, "active") == 0 && server_gauge(tp, pool, "closing") == 0
-    })
-    .await;
-    assert!(
-        ok,
-        "pool {pool} did not settle: active={} closing={} idle={}",
-        server_gauge(tp, pool, "active"),
-        server_gauge(tp, pool, "closing"),
-        server_gauge(tp, pool, "idle")
-    );
-}
-
 /// A fresh client of `db` is served, then the drain leaks nothing.
 async fn fresh_client_then_stop(tp: Tidepool, db: &str) {
     let c = tokio::time::timeout(Duration::from_secs(10), tp.try_connect(db, "postgres"))
@@ -948,7 +925,7 @@ async fn terminate_active_server(mode: &str) {
 
     let st = load.finish().await;
     assert_unaffected(&st, Duration::from_secs(2), "pg_terminate_backend");
-    settle(&tp, &pool).await;
+    tp.settle(&pool).await;
     fresh_client_then_stop(tp, &db).await;
     assert_no_abrupt_disconnects(&db, offset, "pg_terminate_backend").await;
 }
@@ -1328,7 +1305,7 @@ async fn misbehaving_server(fault: Fault) {
 
     let st = load.finish().await;
     assert_unaffected(&st, Duration::from_secs(2), &ctx);
-    settle(&tp, "fake/postgres").await;
+    tp.settle("fake/postgres").await;
     assert_eq!(tp.leaked(), 0, "{ctx}: leaks");
     fresh_client_then_stop(tp, &db).await;
     let closed = eventually(Duration::from_secs(5), || {
@@ -1549,8 +1526,8 @@ async fn stalled_network_path_bounds_new_work_and_recovers() {
         let f1 = tp.connect("relay_full").await;
         t1.simple_query("SELECT 1").await.expect("relay_txn works");
         f1.simple_query("SELECT 1").await.expect("relay_full works");
-        settle(&tp, "relay_txn/postgres").await;
-        settle(&tp, "relay_full/postgres").await;
+        tp.settle("relay_txn/postgres").await;
+        tp.settle("relay_full/postgres").await;
 
         relay.stall(true);
         let stalled_at = Instant::now();
@@ -1570,8 +1547,8 @@ async fn stalled_network_path_bounds_new_work_and_recovers() {
             (r, Instant::now())
         });
         let both_taken = eventually(Duration::from_secs(3), || {
-            server_gauge(&tp, "relay_txn/postgres", "active") == 1
-                && server_gauge(&tp, "relay_full/postgres", "active") == 1
+            tp.server_gauge("relay_txn/postgres", "active") == 1
+                && tp.server_gauge("relay_full/postgres", "active") == 1
         })
         .await;
         assert!(both_taken, "the stalled queries took their servers");
@@ -1677,7 +1654,7 @@ async fn stalled_network_path_bounds_new_work_and_recovers() {
         let st = load.finish().await;
         assert_unaffected(&st, Duration::from_secs(2), "stalled relay");
         for name in ["relay_fresh", "relay_txn", "relay_full"] {
-            settle(&tp, &format!("{name}/postgres")).await;
+            tp.settle(&format!("{name}/postgres")).await;
         }
         fresh_client_then_stop(tp, &db).await;
         // The two logins abandoned at connect_timeout reach Postgres once the relay forwards
@@ -1978,7 +1955,7 @@ async fn ten_thousand_connections_and_slow_logins() {
             Duration::from_secs(5),
             &format!("{n} connections closing at once ({note})"),
         );
-        settle(&tp, &format!("{db}/postgres")).await;
+        tp.settle(&format!("{db}/postgres")).await;
         fresh_client_then_stop(tp, &db).await;
         assert_no_abrupt_disconnects(&db, offset, "many connections").await;
     })

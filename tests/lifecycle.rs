@@ -64,25 +64,12 @@ fn shutdowns(tp: &Tidepool, db: &str, outcome: &str) -> u64 {
 
 /// `tidepool_server_connections{pool, state}` (a gauge: may be negative if miscounted).
 fn server_gauge(tp: &Tidepool, db: &str, state: &str) -> i64 {
-    tp.metric_with(
-        "tidepool_server_connections",
-        &[("pool", &pool_label(db)), ("state", state)],
-    ) as i64
+    tp.server_gauge(&pool_label(db), state)
 }
 
 /// Wait until no server connection of the pool is checked out or being recovered/closed.
 async fn settle(tp: &Tidepool, db: &str) {
-    let ok = eventually(Duration::from_secs(8), || {
-        server_gauge(tp, db, "active") == 0 && server_gauge(tp, db, "closing") == 0
-    })
-    .await;
-    assert!(
-        ok,
-        "pool did not settle: active={} closing={} idle={}",
-        server_gauge(tp, db, "active"),
-        server_gauge(tp, db, "closing"),
-        server_gauge(tp, db, "idle")
-    );
+    tp.settle(&pool_label(db)).await
 }
 
 /// Backends connected to `db` (counted from another database, so psql does not count).

@@ -155,6 +155,30 @@ impl Tidepool {
             .sum()
     }
 
+    /// `tidepool_server_connections{pool, state}` (a gauge: negative if miscounted).
+    pub fn server_gauge(&self, pool: &str, state: &str) -> i64 {
+        self.metric_with(
+            "tidepool_server_connections",
+            &[("pool", pool), ("state", state)],
+        ) as i64
+    }
+
+    /// Wait until no server connection of `pool` (label `database/user`) is checked out or
+    /// being recovered/closed.
+    pub async fn settle(&self, pool: &str) {
+        let ok = eventually(Duration::from_secs(8), || {
+            self.server_gauge(pool, "active") == 0 && self.server_gauge(pool, "closing") == 0
+        })
+        .await;
+        assert!(
+            ok,
+            "pool {pool} did not settle: active={} closing={} idle={}",
+            self.server_gauge(pool, "active"),
+            self.server_gauge(pool, "closing"),
+            self.server_gauge(pool, "idle")
+        );
+    }
+
     /// Graceful drain, then the report. Asserts that it finished.
     pub async fn stop(mut self) -> DrainReport {
         self.shared.shutdown.begin(DrainKind::Graceful);
