@@ -117,26 +117,7 @@ fn scram_and_md5_clients_and_password_servers() {
     assert!(err.contains("server login failed"), "{err}");
 
     // tokio-postgres with SCRAM.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (c, conn) = tokio_postgres::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=app password={APP_PW} dbname=app",
-                tp.port
-            ),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("tokio-postgres SCRAM login");
-        tokio::spawn(conn);
-        let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
-        assert_eq!(row.get::<_, String>(0), "app");
-    });
-    // Dropping the runtime ends the client's connection task.
-    drop(rt);
+    tokio_postgres_login(tp.port, "SCRAM");
     tp.signal("TERM");
     assert_eq!(tp.wait(std::time::Duration::from_secs(10)), Some(0));
     let log1 = tp.log();
@@ -150,25 +131,7 @@ fn scram_and_md5_clients_and_password_servers() {
         "{wrong}"
     );
     // tokio-postgres with md5.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (c, conn) = tokio_postgres::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=app password={APP_PW} dbname=app",
-                tp.port
-            ),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("tokio-postgres md5 login");
-        tokio::spawn(conn);
-        let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
-        assert_eq!(row.get::<_, String>(0), "app");
-    });
-    drop(rt);
+    tokio_postgres_login(tp.port, "md5");
     // md5user's config secret is an md5 hash: the client logs in, but tidepool knows no
     // password for the server; with the database entry's credentials it works.
     tp.signal("TERM");
@@ -211,4 +174,24 @@ fn trust_requires_a_listed_user_when_users_are_configured() {
     assert!(err.contains("not permitted"), "{err}");
     tp.signal("TERM");
     assert_eq!(tp.wait(std::time::Duration::from_secs(10)), Some(0));
+}
+
+/// Log in as `app` with tokio-postgres (whatever method tidepool asks for) and check who we
+/// are. The runtime, and with it the client's connection task, ends before this returns.
+fn tokio_postgres_login(port: u16, method: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=app password={APP_PW} dbname=app"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("tokio-postgres {method} login: {e}"));
+        tokio::spawn(conn);
+        let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "app");
+    });
 }

@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::io::{BufRead, ErrorKind, Write as _};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,27 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use common::pg::{quote_literal, PgCluster};
-use common::raw;
-use common::tp::{self, config_text, eventually, http_get, Tidepool};
+use common::raw::{self, error_end, io_end, End};
+use common::tp::{self, bounded, config_text, eventually, http_get, serial, Tidepool};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// One test at a time (shared log, two cores, timing assertions).
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().await
-}
-
-/// Bound a whole test body.
-async fn bounded<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {secs}s"),
-    }
-}
 
 /// Run blocking work (psql, pgcluster, std sockets) off the runtime that serves tidepool.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -294,49 +278,6 @@ fn assert_unaffected(st: &LoadStats, max: Duration, context: &str) {
 // ---------------------------------------------------------------------------------------------
 // Raw wire protocol over tokio sockets
 // ---------------------------------------------------------------------------------------------
-
-/// How a raw connection ended, as the client saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum End {
-    /// An ErrorResponse: severity, SQLSTATE, message.
-    Error(String, String, String),
-    /// EOF without an error message.
-    Closed,
-    /// ECONNRESET and the like, without an error message.
-    Reset,
-    /// Nothing within the bound: a hang.
-    Hang,
-    /// Bytes that are not a message (e.g. a bad length).
-    Garbage(String),
-}
-
-impl End {
-    fn code(&self) -> Option<&str> {
-        match self {
-            End::Error(_, c, _) => Some(c),
-            _ => None,
-        }
-    }
-}
-
-fn io_end(e: &std::io::Error) -> End {
-    match e.kind() {
-        ErrorKind::UnexpectedEof => End::Closed,
-        ErrorKind::InvalidData => End::Garbage(e.to_string()),
-        ErrorKind::TimedOut | ErrorKind::WouldBlock => End::Hang,
-        _ => End::Reset,
-    }
-}
-
-fn error_end(body: &[u8]) -> End {
-    let severity = body
-        .split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"V").or_else(|| f.strip_prefix(b"S")))
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .unwrap_or_default();
-    let (code, msg) = raw::error_fields(body);
-    End::Error(severity, code, msg)
-}
 
 /// Build one backend/frontend message.
 fn message(tag: u8, body: &[u8]) -> Vec<u8> {

@@ -11,34 +11,18 @@ mod common;
 // time (see [`serial`]): an abrupt disconnect in the log is then attributable to the test that
 // is running.
 
-use std::future::Future;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::pg::PgCluster;
 use common::raw::{self, Raw};
-use common::tp::{self, config_text, eventually, wait_query_active, Tidepool};
+use common::tp::{self, bounded, config_text, eventually, serial, wait_query_active, Tidepool};
 use tokio_postgres::SimpleQueryMessage;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// One test at a time: they share the cluster's log and two CPU cores.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().await
-}
-
-/// Bound a whole test body.
-async fn bounded<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {secs}s"),
-    }
-}
 
 fn pool_cfg(mode: &str, size: usize, extra: &str) -> String {
     format!("mode = \"{mode}\"\nsize = {size}\n{extra}")

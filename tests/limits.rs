@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pg::PgCluster;
-use common::raw::{self, Raw};
+use common::raw::{self, error_end, io_end, End, Raw};
 use common::tp::{config_text, wait_query_active, Tidepool};
 use tidepool::server::Shared;
 
@@ -56,30 +56,6 @@ fn rejected(shared: &Shared, reason: &str) -> u64 {
     )
 }
 
-/// How a connection ended, as the client saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum End {
-    /// An ErrorResponse: severity, SQLSTATE, message.
-    Error(String, String, String),
-    /// EOF without an error message.
-    Closed,
-    /// ECONNRESET without an error message.
-    Reset,
-    /// Nothing within the read timeout: a hang.
-    Hang,
-}
-
-fn io_end(e: &std::io::Error) -> End {
-    match e.kind() {
-        ErrorKind::UnexpectedEof => End::Closed,
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
-            End::Reset
-        }
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => End::Hang,
-        _ => End::Reset,
-    }
-}
-
 /// Read messages (skipping anything but ErrorResponse) until an error, EOF or `within`.
 fn read_end(sock: &mut TcpStream, within: Duration) -> End {
     sock.set_read_timeout(Some(within)).unwrap();
@@ -98,13 +74,7 @@ fn read_end(sock: &mut TcpStream, within: Duration) -> End {
             return io_end(&e);
         }
         if head[0] == b'E' {
-            let severity = body
-                .split(|&b| b == 0)
-                .find_map(|f| f.strip_prefix(b"S"))
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .unwrap_or_default();
-            let (code, msg) = raw::error_fields(&body);
-            return End::Error(severity, code, msg);
+            return error_end(&body);
         }
     }
 }
@@ -216,6 +186,7 @@ async fn startup_packet_over_10000_bytes_is_refused() {
             End::Error(_, code, _) => assert_eq!(code, "08P01"),
             End::Closed | End::Reset => {}
             End::Hang => panic!("10,001-byte startup packet: no answer"),
+            End::Garbage(g) => panic!("10,001-byte startup packet: {g}"),
         }
         assert_eq!(rejected(&shared, "protocol"), before + 2);
 
@@ -335,6 +306,7 @@ async fn garbage_before_startup_is_refused_without_hanging() {
                 // The unread rest of the garbage may turn the close into a reset.
                 End::Closed | End::Reset => assert!(needle.is_none(), "{what}: no FATAL"),
                 End::Hang => panic!("{what}: tidepool hangs"),
+                End::Garbage(g) => panic!("{what}: {g}"),
             }
             assert!(t0.elapsed() < Duration::from_secs(2), "{what}: slow answer");
         }

@@ -2,9 +2,55 @@
 //! input, half-sent messages).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
+
+/// How a raw connection ended, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// An ErrorResponse: severity, SQLSTATE, message.
+    Error(String, String, String),
+    /// EOF without an error message.
+    Closed,
+    /// ECONNRESET and the like, without an error message.
+    Reset,
+    /// Nothing within the bound: a hang.
+    Hang,
+    /// Bytes that are not a message (e.g. a bad length).
+    Garbage(String),
+}
+
+impl End {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            End::Error(_, c, _) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// The `End` an I/O error means.
+pub fn io_end(e: &std::io::Error) -> End {
+    match e.kind() {
+        ErrorKind::UnexpectedEof => End::Closed,
+        ErrorKind::InvalidData => End::Garbage(e.to_string()),
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => End::Hang,
+        _ => End::Reset,
+    }
+}
+
+/// The `End` an ErrorResponse body means: its severity (non-localized `V` if present, else
+/// `S`), SQLSTATE and message.
+pub fn error_end(body: &[u8]) -> End {
+    let severity = body
+        .split(|&b| b == 0)
+        .find_map(|f| f.strip_prefix(b"V").or_else(|| f.strip_prefix(b"S")))
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .unwrap_or_default();
+    let (code, msg) = error_fields(body);
+    End::Error(severity, code, msg)
+}
 
 /// A logged-in raw connection.
 pub struct Raw {

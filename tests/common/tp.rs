@@ -456,6 +456,22 @@ pub fn pgbench_processed(output: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// One test at a time within a test binary (each binary has its own copy of this static):
+/// tests that share the cluster's log, two CPU cores and timing assertions take it first.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+/// Bound a whole test body.
+pub async fn bounded<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: did not finish within {secs}s"),
+    }
+}
+
 /// Poll `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
 pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
