@@ -27,6 +27,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub pool: PoolDefaults,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
     /// Key: the database name clients ask for; `"*"` is the fallback.
     pub databases: BTreeMap<String, DatabaseConfig>,
 }
@@ -266,6 +267,38 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `[runtime]`: the threads tidepool runs on. Read once at start; a reload keeps the old value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Worker threads. 1 (the default): one thread runs every client, the admin endpoint and
+    /// the drain, as PgBouncer's single event loop does. Next to an application or a database
+    /// that costs the least CPU per transaction (bench/RESULTS.md, "Worker threads") and still
+    /// carries tens of thousands of transactions per second. 0: one per CPU this process may
+    /// use (`available_parallelism`, which honours a cgroup CPU quota), for a pooler with cores
+    /// of its own and more load than one core carries.
+    pub workers: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { workers: 1 }
+    }
+}
+
+/// More worker threads than this is a typo, not a tuning.
+pub const MAX_WORKERS: usize = 1024;
+
+impl RuntimeConfig {
+    /// The number of worker threads to start: `workers`, or when it is 0 the CPUs available.
+    pub fn resolved_workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 /// The effective settings of one pool: `[pool]` with the database's overrides applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSettings {
@@ -397,6 +430,12 @@ impl Config {
         }
         if self.drain.server_close_timeout.is_zero() {
             return err("drain.server_close_timeout", "must be greater than 0");
+        }
+        if self.runtime.workers > MAX_WORKERS {
+            return err(
+                "runtime.workers",
+                &format!("must be at most {MAX_WORKERS} (0: one per available CPU; default 1)"),
+            );
         }
         if self.databases.is_empty() {
             return err("databases", "at least one database must be configured");
@@ -674,6 +713,27 @@ host = "127.0.0.1"
         assert_eq!(d.password.as_deref(), Some("p@ss"));
         assert!(Config::from_upstream("mysql://a@b/c").is_err());
         assert!(Config::from_upstream("postgres://127.0.0.1/db").is_err());
+    }
+
+    #[test]
+    fn runtime_workers_default_to_one_and_are_bounded() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.runtime.workers, 1);
+        assert_eq!(c.runtime.resolved_workers(), 1);
+        let c = Config::parse(&format!("{MINIMAL}[runtime]\nworkers = 0\n"), "t.toml").unwrap();
+        assert_eq!(
+            c.runtime.resolved_workers(),
+            std::thread::available_parallelism().unwrap().get()
+        );
+        assert!(c.effective_toml().contains("workers = 0"));
+        let e = Config::parse(&format!("{MINIMAL}[runtime]\nworkers = 5000\n"), "t.toml")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("t.toml") && e.contains("runtime.workers"), "{e}");
+        let e = Config::parse(&format!("{MINIMAL}[runtime]\nthreads = 2\n"), "t.toml")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("threads"), "{e}");
     }
 
     #[test]

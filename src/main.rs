@@ -157,10 +157,18 @@ fn daemon(cli: Cli) -> ExitCode {
         config.admin.addr = a;
     }
     init_logging(config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = config.runtime.resolved_workers();
+    // One worker: tokio's current-thread scheduler. It never wakes a second thread to steal
+    // work, which on shared cores is where the multi-thread scheduler's extra context switches
+    // and CPU go (bench/RESULTS.md, "Worker threads").
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tidepool: cannot start the runtime: {e}");
@@ -184,6 +192,7 @@ fn daemon(cli: Cli) -> ExitCode {
             listen = %server.local_addr(),
             admin = ?server.admin_addr(),
             version = env!("CARGO_PKG_VERSION"),
+            workers,
             "tidepool starting"
         );
         let shared = server.shared.clone();

@@ -233,6 +233,9 @@ impl Shared {
         if config.listen.addr != old.config.listen.addr || config.admin.addr != old.admin_addr() {
             tracing::warn!("listen.addr and admin.addr changes take effect only after a restart");
         }
+        if config.runtime != old.config.runtime {
+            tracing::warn!("runtime.workers changes take effect only after a restart");
+        }
         let rt = Arc::new(Runtime::new(config)?);
         for ((database, user), pool) in self.pools.lock().unwrap_or_else(|e| e.into_inner()).iter()
         {

@@ -45,18 +45,34 @@ fn pgbench_init(port: u16, db: &str) {
     assert!(ok, "pgbench -i: {out}");
 }
 
-fn sigterm_mid_pgbench(mode: &str) {
+/// `workers`: the `runtime.workers` setting, `None` for the default.
+fn sigterm_mid_pgbench(mode: &str, workers: Option<usize>) {
     let _g = heavy();
     let pg = PgCluster::shared();
-    let db = pg.create_db(&format!("drain_{mode}"));
+    let db = pg.create_db(&format!("drain_{mode}_{}", workers.unwrap_or(0)));
     let offset = pg.log_len();
-    let mut tp = TidepoolProcess::start(&config(
+    let mut text = config(
         pg,
         &db,
         mode,
         16,
         "timeout = \"25s\"\nserver_close_timeout = \"2s\"",
-    ));
+    );
+    if let Some(n) = workers {
+        text.push_str(&format!("[runtime]\nworkers = {n}\n"));
+    }
+    let mut tp = TidepoolProcess::start(&text);
+    // The start line, logged just after the listener binds, names the threads (default 1).
+    let expect = format!("workers={}", workers.unwrap_or(1));
+    let t0 = Instant::now();
+    while !tp.log().contains(&expect) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the start line does not show {expect}:\n{}",
+            tp.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     pgbench_init(tp.port, &db);
     let bench = tp::spawn_pgbench(tp.port, &db, &["-c", "16", "-j", "4", "-T", "10"]);
     std::thread::sleep(Duration::from_secs(2));
@@ -104,12 +120,20 @@ fn sigterm_mid_pgbench(mode: &str) {
 
 #[test]
 fn sigterm_drains_pgbench_transaction_mode() {
-    sigterm_mid_pgbench("transaction");
+    sigterm_mid_pgbench("transaction", None);
+}
+
+/// The default `runtime.workers = 1` runs everything on tokio's current-thread scheduler (the
+/// tests above); `workers = 2` runs the multi-thread one, where the relay, the admin endpoint,
+/// the signal handler and the drain run on any of the threads.
+#[test]
+fn sigterm_drains_pgbench_on_two_worker_threads() {
+    sigterm_mid_pgbench("transaction", Some(2));
 }
 
 #[test]
 fn sigterm_drains_pgbench_session_mode() {
-    sigterm_mid_pgbench("session");
+    sigterm_mid_pgbench("session", None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
