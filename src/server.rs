@@ -17,7 +17,7 @@ use crate::auth::{ScramVerifier, Secret};
 use crate::backend::ServerTarget;
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::frontend::cancel::CancelRegistry;
-use crate::metrics::{CloseReason, Metrics};
+use crate::metrics::{CloseReason, Metrics, RejectReason};
 use crate::pool::{Closer, Pool, PoolStatus};
 use crate::shutdown::{DrainReport, Phase, Shutdown};
 
@@ -436,6 +436,17 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 fn spawn_client(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
+    // Up to `max_clients` connections over the limit are served far enough to be told
+    // `53300 sorry, too many clients already` once they send their startup packet. Past twice
+    // the limit a connection is closed at once, unread: a flood of connections that send
+    // nothing must not hold a task and a descriptor each until `login_timeout` ends them.
+    let max = shared.runtime().config.listen.max_clients;
+    if shared.clients.load(Ordering::Relaxed) >= max.saturating_mul(2) {
+        shared.metrics.reject(RejectReason::max_clients);
+        tracing::debug!(client.addr = %peer, "connection closed at accept: twice max_clients");
+        drop(sock);
+        return;
+    }
     shared.clients.fetch_add(1, Ordering::Relaxed);
     let slot = ClientSlot(shared.clone());
     let shared = shared.clone();

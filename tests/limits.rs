@@ -730,7 +730,17 @@ async fn max_clients_refuses_the_sixth_client() {
             "with 5 connections in login: {end:?}"
         );
         assert_eq!(rejected(&shared, "max_clients"), before + 2);
-        drop(idle);
+        // Five more silent connections are held for their FATAL too; at twice the limit a
+        // connection is closed at accept, unread, long before login_timeout.
+        let more: Vec<TcpStream> = (0..5).map(|_| connect(port)).collect();
+        wait_for("ten connections counted", Duration::from_secs(5), || {
+            shared.client_count() == 10
+        });
+        let mut over = connect(port);
+        assert_eq!(read_end(&mut over, Duration::from_secs(2)), End::Closed);
+        assert_eq!(rejected(&shared, "max_clients"), before + 3);
+        assert_eq!(shared.client_count(), 10);
+        drop((idle, more));
         wait_for("client count 0", Duration::from_secs(5), || {
             shared.client_count() == 0
         });
