@@ -110,13 +110,20 @@ async fn login(shared: &Arc<Shared>, tcp: TcpStream) -> Option<(ClientStream, Lo
 
 /// What login hands to the relay.
 pub struct LoggedIn {
+    pub client: Attached,
+    /// Session mode: the server the client keeps until logout.
+    pub server: Option<crate::pool::Checkout>,
+}
+
+/// A logged-in client's pool, settings and cancel identity: what the relay keeps for the
+/// whole session (the login's server moves into the relay's own slot, so the session does
+/// not carry a second, always-empty one).
+pub struct Attached {
     pub pool: Pool,
     pub mode: PoolMode,
     pub params: ClientParams,
     pub shared: Arc<ClientShared>,
     pub key: crate::backend::BackendKey,
-    /// Session mode: the server the client keeps until logout.
-    pub server: Option<crate::pool::Checkout>,
 }
 
 async fn read_startup(sock: &mut ClientStream) -> Result<Option<StartupPacket>, LoginError> {
@@ -375,11 +382,13 @@ async fn attach(
     };
     tracing::info!(%user, %database, mode = settings.mode.as_str(), "client logged in");
     Ok(LoggedIn {
-        pool,
-        mode: settings.mode,
-        params: client_params,
-        shared: cshared,
-        key,
+        client: Attached {
+            pool,
+            mode: settings.mode,
+            params: client_params,
+            shared: cshared,
+            key,
+        },
         server,
     })
 }
