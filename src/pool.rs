@@ -450,13 +450,20 @@ impl Pool {
     /// Idle, active (checked out) and waiting counts.
     pub fn status(&self) -> PoolStatus {
         let s = self.settings();
-        let idle = lock(&self.inner.idle).len();
+        // Both read under the idle lock: a checkout counts a connection as active only after
+        // taking it from the queue, and a return stops counting it before parking it, so a
+        // reader holding the lock never counts one connection twice (read apart, a checkout
+        // in between could make idle + active exceed the pool's size).
+        let (idle, active) = {
+            let queue = lock(&self.inner.idle);
+            (queue.len(), self.inner.metrics.active.get().max(0) as usize)
+        };
         PoolStatus {
             name: self.inner.name.to_string(),
             mode: s.mode.as_str(),
             size: self.inner.size.load(Ordering::Relaxed),
             idle,
-            active: self.inner.metrics.active.get().max(0) as usize,
+            active,
             waiting: self.inner.waiting.load(Ordering::Relaxed),
         }
     }

@@ -74,7 +74,9 @@ async fn metrics_move_under_load_and_match_pool_state() {
         let v = sample(last, name, &[(label, &pool)]).unwrap_or(0.0);
         assert!(v > 0.0, "{name} is {v}");
     }
-    // During load the gauges stay within the pool's size.
+    // During load the gauges stay within the pool's size. A scrape reads the series one after
+    // the other, not as one snapshot: a connection returned between the reads of `active` and
+    // `idle` is seen in both (the at-rest check below catches a gauge that really drifts).
     for s in &scrapes {
         let active = sample(
             s,
@@ -88,7 +90,10 @@ async fn metrics_move_under_load_and_match_pool_state() {
             &[("pool", &pool), ("state", "idle")],
         )
         .unwrap_or(0.0);
-        assert!(active + idle <= 3.0, "active {active} + idle {idle} > size");
+        assert!(
+            active + idle <= 3.0 + 1.0,
+            "active {active} + idle {idle} > size + 1"
+        );
     }
     // At rest they match the pool exactly.
     let (_, body) = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
