@@ -354,10 +354,10 @@ impl Session {
     /// session is idle again). The task of an idle client is then only as large as the idle
     /// state; the active state is allocated once per transaction.
     async fn relay(&mut self, client: &mut ClientStream) -> Exit {
-        // Drain signals. The `cancelled()` futures are created and pinned once and polled
-        // only to register this task's waker with the tokens (again only if the waker
-        // changes); every relay step tests the shutdown flags instead, an atomic load each.
-        // Polling the futures on every step would lock the tokens' mutexes, which all
+        // Drain signals. One `cancelled()` future at a time (see `DrainWatch`), pinned here
+        // and polled only to register this task's waker with its token (again only if the
+        // waker changes); every relay step tests the shutdown flags instead, an atomic load
+        // each. Polling the future on every step would lock the token's mutex, which all
         // sessions share. The flags are set before the tokens are cancelled, so the wake-up
         // a cancellation sends finds them set.
         let boundary_token = self.shared.shutdown.boundary_token();
