@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Shared;
 use crate::shutdown::Phase;
+use crate::state::Shared;
 
 /// Serve until `stop` is cancelled.
 pub async fn serve(

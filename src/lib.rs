@@ -1,22 +1,30 @@
 //! tidepool: a PostgreSQL connection pooler built for the sidecar container.
 //!
-//! Module map:
-//! - [`config`]: the TOML contract, defaults, validation, `--upstream`.
-//! - [`protocol`]: wire-protocol framing and the messages tidepool writes.
-//! - [`auth`]: the server half of client authentication (md5, SCRAM-SHA-256).
-//! - [`backend`]: server connections: login, protocol state, recovery, explicit shutdown and
-//!   the `Drop` leak detector.
-//! - [`pool`]: per (database, user) pools, the checkout guard, the closer task, upkeep.
-//! - [`frontend`]: the client listener, startup and login, the relay, cancel requests.
-//! - [`metrics`]: Prometheus metrics.
-//! - [`admin`]: the HTTP endpoint (`/livez`, `/readyz`, `/metrics`, `/status`).
-//! - [`shutdown`]: phases, signals and the drain.
-//! - [`tls`]: rustls configs for both sides and the plain-or-TLS stream type.
-//! - [`server`]: wires it all together: [`server::run`].
+//! Module map, in layers: a module imports only from its own layer's neighbours below it and
+//! from lower layers, never from above (`tests/layers.rs` keeps it so; the README's
+//! architecture section has the table).
+//!
+//! 0. foundations, importing no other tidepool module but each other:
+//!    - [`config`]: the TOML contract, defaults, validation, `--upstream`.
+//!    - [`protocol`]: wire-protocol framing and the messages tidepool writes.
+//!    - [`metrics`]: Prometheus metrics.
+//!    - [`tls`]: rustls configs for both sides and the plain-or-TLS stream type.
+//!    - [`auth`]: the server half of client authentication (md5, SCRAM-SHA-256).
+//!    - [`shutdown`]: phases, drain tokens and signals.
+//! 1. [`backend`]: server connections: login, protocol state, recovery, explicit shutdown and
+//!    the `Drop` leak detector; session parameters and the statements a server has prepared.
+//! 2. [`pool`]: per (database, user) pools, the checkout guard, the closer task, upkeep, the
+//!    cached greeting; [`cancel`]: tidepool's cancel keys mapped to the server a client holds.
+//! 3. [`state`]: what every task shares: config snapshot, pools, metrics, phase; reload.
+//! 4. [`frontend`]: startup, login and the relay; [`admin`]: the HTTP endpoint (`/livez`,
+//!    `/readyz`, `/metrics`, `/status`).
+//! 5. [`server`]: the wiring: listeners, accept loop, upkeep, readiness, the drain sequence.
+//! 6. the binary, `main.rs`.
 
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod cancel;
 pub mod config;
 pub mod frontend;
 pub mod metrics;
@@ -24,4 +32,5 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;
+pub mod state;
 pub mod tls;

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: PathBuf) -> ExitCode {
-    match Config::load(&path).and_then(|c| tidepool::server::Runtime::new(c).map(|r| r.config)) {
+    match Config::load(&path).and_then(|c| tidepool::state::Runtime::new(c).map(|r| r.config)) {
         Ok(c) => {
             println!("# {}: OK", path.display());
             print!("{}", c.effective_toml());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::pg::PgCluster;
 use common::raw::{self, error_end, io_end, End, Raw};
 use common::tp::{config_text, wait_query_active, Tidepool};
-use tidepool::server::Shared;
+use tidepool::state::Shared;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tidepool::auth::{ScramServer, ScramVerifier, Secret};
-use tidepool::backend::Params;
-use tidepool::frontend::{params, prepared};
+use tidepool::backend::{params, Params};
+use tidepool::frontend::relay::{prepared, tracking};
 use tidepool::protocol::{self, Severity, StartupPacket};
 
 /// The backend framing cap `backend::read_message` uses.
@@ -369,7 +369,7 @@ pub fn server_messages(data: &[u8]) {
 
 /// Inspect one backend message body as tidepool does.
 fn server_body(tag: u8, body: &[u8]) {
-    use prepared::Kind;
+    use tracking::Kind;
     for kind in [
         Kind::Parse,
         Kind::Bind,

@@ -5,9 +5,6 @@
 //! closed, and a StartupMessage is authenticated, then answered with AuthenticationOk, the
 //! server's ParameterStatus values, tidepool's BackendKeyData and ReadyForQuery.
 
-pub mod cancel;
-pub mod params;
-pub mod prepared;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -20,15 +17,14 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::auth::{md5_verify, ScramServer};
+use crate::backend::params::{self, ClientParams};
+use crate::cancel::ClientShared;
 use crate::config::{AuthMethod, PoolMode};
 use crate::metrics::RejectReason;
 use crate::pool::{CheckoutError, Pool};
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket};
-use crate::server::{Runtime, Shared};
+use crate::state::{Runtime, Shared};
 use crate::tls::{ClientStream, MaybeTls};
-
-use self::cancel::ClientShared;
-use self::params::ClientParams;
 
 /// A login-phase failure, already worded for the client.
 #[derive(Debug)]
@@ -335,7 +331,7 @@ async fn attach(
     let baseline = pool.baseline().unwrap_or_default();
     let (client_params, status) = match server.as_mut() {
         // The common transaction-mode login: usually the pool's cached greeting.
-        None => params::greeting(&pool, &baseline, desired),
+        None => pool.greeting(&baseline, desired),
         Some(server) => {
             let mut client_params = ClientParams::initial(Some(&baseline), &baseline, desired);
             if let Err((code, message)) = params::sync(
@@ -348,7 +344,7 @@ async fn attach(
                 return Err(LoginError::new(&code, message, RejectReason::protocol));
             }
             client_params.adopt_reported(&server.params);
-            client_params.intern(&pool);
+            pool.intern(&mut client_params);
             let status = params::parameter_status(&server.params, &client_params);
             (client_params, status)
         }

@@ -9,8 +9,9 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use tidepool::config::Config;
-use tidepool::server::{Server, Shared};
+use tidepool::server::Server;
 use tidepool::shutdown::{DrainKind, DrainReport};
+use tidepool::state::Shared;
 
 use super::pg::PgCluster;
 

@@ -5,6 +5,9 @@
 //! for the server's EOF, all bounded) or [`ServerConn::close_hard`]. `Drop` is only a detector;
 //! see the type's docs and DESIGN.md section 1.
 
+pub mod params;
+pub mod statements;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,10 +19,10 @@ use postgres_protocol::message::frontend;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::ClientConfig;
 
 use crate::protocol::{self, TERMINATE};
 use crate::tls::{MaybeTls, ServerStream, SslMode};
-use tokio_rustls::rustls::ClientConfig;
 
 /// Where and as whom a pool connects.
 #[derive(Clone)]
@@ -265,7 +268,7 @@ pub struct ServerConn {
     /// went away; recovery writes them first so the server's input ends on a message boundary.
     pub pending: Option<BytesMut>,
     /// Transaction mode: the named statements tidepool prepared on this server.
-    pub stmts: crate::frontend::prepared::ServerStmts,
+    pub stmts: statements::ServerStmts,
     leaked: Counter,
 }
 

@@ -6,18 +6,24 @@
 //! that hand-off never runs (the runtime is going away), dropping the queued job releases the
 //! slot, so the pool cannot wedge (the lesson of sqlx issue #1396).
 
+mod closer;
+mod greeting;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{self, BackendError, Params, ServerConn, ServerTarget, ShutdownOutcome};
 use crate::config::PoolSettings;
 use crate::metrics::{CloseReason, PoolMetrics};
+
+pub use self::closer::Closer;
+use self::closer::{CloseJob, CloseKind};
+pub use self::greeting::Greeting;
 
 /// Why a checkout failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,138 +41,6 @@ pub enum CheckoutError {
 /// A server connection as the pool keeps it: boxed, so that parking it, lending it and
 /// returning it move a pointer rather than the whole connection state (hot path).
 pub type Conn = Box<ServerConn>;
-
-/// Work for the closer task.
-pub struct CloseJob {
-    conn: Conn,
-    /// The pool slot stays taken until the job is done, so the size bound holds.
-    permit: Option<OwnedSemaphorePermit>,
-    pool: Arc<PoolInner>,
-    kind: CloseKind,
-}
-
-enum CloseKind {
-    /// Try to bring it back to idle (and run the reset query, in session mode); if it must
-    /// close after all, the reason is `closed_as` when set.
-    Recover {
-        reset: bool,
-        closed_as: Option<CloseReason>,
-    },
-    Close(CloseReason),
-}
-
-/// The closer: receives connections to recover or shut down, and runs each job as a task on
-/// the process's tracker so the drain can wait for every one of them.
-#[derive(Clone)]
-pub struct Closer {
-    tx: mpsc::UnboundedSender<CloseJob>,
-    /// Jobs sent and not finished; the drain waits for zero before stopping the closer.
-    pending: Arc<AtomicUsize>,
-}
-
-impl Closer {
-    /// Start the closer task on `tracker`. It runs until `stop` is cancelled, then starts the
-    /// jobs already queued and ends; the tracker waits for those jobs.
-    pub fn start(tracker: &TaskTracker, stop: CancellationToken) -> Closer {
-        let (tx, mut rx) = mpsc::unbounded_channel::<CloseJob>();
-        let pending = Arc::new(AtomicUsize::new(0));
-        let t = tracker.clone();
-        let p = pending.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    job = rx.recv() => match job {
-                        Some(job) => {
-                            t.spawn(run_job(job, Done(p.clone())));
-                        }
-                        None => return,
-                    },
-                    _ = stop.cancelled() => {
-                        rx.close();
-                        while let Some(job) = rx.recv().await {
-                            t.spawn(run_job(job, Done(p.clone())));
-                        }
-                        return;
-                    }
-                }
-            }
-        });
-        Closer { tx, pending }
-    }
-
-    fn send(&self, job: CloseJob) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        // On failure the job (connection and permit) is dropped right here: the permit is
-        // released, and the connection's Drop reports the leak.
-        if self.tx.send(job).is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Jobs queued or running.
-    pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
-    }
-}
-
-/// Marks a closer job finished when dropped.
-struct Done(Arc<AtomicUsize>);
-impl Drop for Done {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-async fn run_job(job: CloseJob, _done: Done) {
-    let CloseJob {
-        mut conn,
-        permit,
-        pool,
-        kind,
-    } = job;
-    let timeout = pool.server_close_timeout;
-    let reason = match kind {
-        CloseKind::Close(r) => r,
-        CloseKind::Recover { reset, closed_as } => {
-            let mut reason = closed_as.unwrap_or(CloseReason::error);
-            if conn.recover(timeout).await {
-                let settings = pool.settings();
-                let mut clean = true;
-                if reset && !settings.reset_query.is_empty() {
-                    match conn.exec(&settings.reset_query, timeout).await {
-                        Ok(o) if o.error.is_none() && conn.is_clean() => {
-                            pool.after_reset(&mut conn)
-                        }
-                        Ok(o) => {
-                            if let Some((code, msg)) = o.error {
-                                tracing::warn!(pool = %pool.name, %code, %msg, "reset_query failed");
-                            }
-                            clean = false;
-                        }
-                        Err(_) => clean = false,
-                    }
-                    if !clean {
-                        reason = closed_as.unwrap_or(CloseReason::reset_failed);
-                    }
-                }
-                if clean {
-                    if !pool.closed.load(Ordering::Acquire) {
-                        pool.metrics.closing.dec();
-                        pool.park(conn, Instant::now());
-                        drop(permit);
-                        return;
-                    }
-                    // Draining: close it here rather than queue another job.
-                    reason = closed_as.unwrap_or(CloseReason::drain);
-                }
-            }
-            reason
-        }
-    };
-    // The slot stays taken until the server has really gone, so the size bound holds.
-    pool.shutdown_conn(conn, reason).await;
-    drop(permit);
-}
 
 /// A pool of server connections for one (database, user).
 pub struct PoolInner {
@@ -196,8 +70,8 @@ pub struct PoolInner {
     /// same values (see `ClientParams::intern`).
     client_params: Mutex<Option<Arc<Params>>>,
     /// The latest transaction-mode login's greeting, reused by the next login with the same
-    /// startup parameters (see `params::greeting`).
-    greeting: Mutex<Option<crate::frontend::params::Greeting>>,
+    /// startup parameters (see [`Pool::greeting`]).
+    greeting: Mutex<Option<Greeting>>,
     conn_generation: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
@@ -333,14 +207,6 @@ impl Pool {
                 params
             }
         }
-    }
-
-    pub fn cached_greeting(&self) -> Option<crate::frontend::params::Greeting> {
-        lock(&self.inner.greeting).clone()
-    }
-
-    pub fn cache_greeting(&self, greeting: crate::frontend::params::Greeting) {
-        *lock(&self.inner.greeting) = Some(greeting);
     }
 
     /// The hot path of a transaction-mode checkout, synchronous: a free slot and a usable

@@ -1,4 +1,5 @@
-//! Per-client session parameters in transaction mode (DESIGN.md section 6).
+//! Session parameters: what a client's session has, and making a server connection match it
+//! (transaction mode, DESIGN.md sections 6 and 8).
 //!
 //! A client's view of its session (client_encoding, DateStyle, TimeZone, application_name, ...)
 //! must not change when its next transaction lands on another server connection. tidepool
@@ -14,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Params, ServerConn};
+use super::{Params, ServerConn};
 use crate::protocol::{quote_ident, quote_literal};
 
 /// Parameters tracked for every client (DESIGN.md section 6).
@@ -92,9 +93,10 @@ impl ClientParams {
         }
     }
 
-    /// Share the values with other clients of `pool` that have the same ones.
-    pub fn intern(&mut self, pool: &crate::pool::Pool) {
-        self.values = pool.intern_params(self.values.clone());
+    /// Share the values with other clients that have the same ones: `shared` returns the
+    /// copy to keep (see `Pool::intern_params`).
+    pub fn share_with(&mut self, shared: impl FnOnce(Arc<Params>) -> Arc<Params>) {
+        self.values = shared(self.values.clone());
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -139,43 +141,6 @@ impl ClientParams {
         }
         (!sql.is_empty()).then_some(sql)
     }
-}
-
-/// What a login that borrows no server (transaction mode) tells the client and keeps: the
-/// client's parameters and the ParameterStatus messages announcing them. It depends only on
-/// the pool's baseline and the client's startup parameters, which the clients of one
-/// application share, so the pool keeps the latest and the next such login reuses it instead
-/// of recomputing (a measurable share of a login's CPU: pgbench -C).
-#[derive(Clone)]
-pub struct Greeting {
-    baseline: Arc<Params>,
-    desired: Vec<(String, String)>,
-    params: ClientParams,
-    status: bytes::Bytes,
-}
-
-/// The client's parameters and the serialized ParameterStatus messages for a login on the
-/// pool's `baseline` (a server's values), with the client's startup parameters `desired`.
-pub fn greeting(
-    pool: &crate::pool::Pool,
-    baseline: &Arc<Params>,
-    desired: Vec<(String, String)>,
-) -> (ClientParams, bytes::Bytes) {
-    if let Some(g) = pool.cached_greeting() {
-        if Arc::ptr_eq(&g.baseline, baseline) && g.desired == desired {
-            return (g.params, g.status);
-        }
-    }
-    let mut params = ClientParams::initial(Some(baseline), baseline, desired.clone());
-    params.intern(pool);
-    let status = parameter_status(baseline, &params);
-    pool.cache_greeting(Greeting {
-        baseline: baseline.clone(),
-        desired,
-        params: params.clone(),
-        status: status.clone(),
-    });
-    (params, status)
 }
 
 /// One ParameterStatus per parameter the server reports, with the client's value where it

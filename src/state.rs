@@ -1,0 +1,338 @@
+//! The state every task shares: the config snapshot and what is derived from it
+//! ([`Runtime`]), the pools, metrics, cancel keys, statement registry, client count and the
+//! shutdown phase ([`Shared`]), and the reload that replaces the snapshot.
+//!
+//! It sits below everything that serves clients (`frontend`, `admin`) and below the wiring
+//! (`server`), which builds it; see the layer table in the README.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{ScramVerifier, Secret};
+use crate::backend::statements::Registry;
+use crate::backend::ServerTarget;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::metrics::Metrics;
+use crate::pool::{Closer, Pool, PoolStatus};
+use crate::shutdown::Shutdown;
+
+/// A configured user, with what each auth method needs precomputed.
+pub struct UserAuth {
+    pub secret: Secret,
+    /// What SCRAM uses: the configured verifier, or one derived once from a plaintext password
+    /// (PBKDF2 is deliberately slow; doing it per login would cap the login rate).
+    pub scram_secret: Secret,
+}
+
+/// The config plus what is derived from it; replaced whole on reload (so certificates are
+/// read again on SIGHUP).
+pub struct Runtime {
+    pub config: Config,
+    pub users: HashMap<String, UserAuth>,
+    /// TLS towards clients, if configured and not disabled.
+    pub listen_tls: Option<(tokio_rustls::TlsAcceptor, crate::tls::ListenTlsMode)>,
+    /// Per database entry: the rustls config for its sslmode and an id of those settings.
+    server_tls: HashMap<String, (Option<Arc<tokio_rustls::rustls::ClientConfig>>, String)>,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Result<Runtime, ConfigError> {
+        let mut users = HashMap::new();
+        for (i, u) in config.auth.users.iter().enumerate() {
+            let secret = Secret::parse(&u.password).map_err(|e| {
+                ConfigError(format!(
+                    "key `auth.users[{i}].password` (user \"{}\"): {e}",
+                    u.name
+                ))
+            })?;
+            let scram_secret = match &secret {
+                Secret::Plain(p) => Secret::Scram(ScramVerifier::generate(p)),
+                other => other.clone(),
+            };
+            users.insert(
+                u.name.clone(),
+                UserAuth {
+                    secret,
+                    scram_secret,
+                },
+            );
+        }
+        let listen_tls = match &config.listen.tls {
+            Some(t) if t.mode != crate::tls::ListenTlsMode::Disable => {
+                let sc = crate::tls::server_config(&t.cert, &t.key)
+                    .map_err(|e| ConfigError(format!("key `listen.tls`: {e}")))?;
+                Some((tokio_rustls::TlsAcceptor::from(sc), t.mode))
+            }
+            _ => None,
+        };
+        let mut server_tls = HashMap::new();
+        for (name, d) in &config.databases {
+            let cc = crate::tls::client_config(d.sslmode, d.sslrootcert.as_deref())
+                .map_err(|e| ConfigError(format!("key `databases.{name}.sslmode`: {e}")))?;
+            let ca = d
+                .sslrootcert
+                .as_ref()
+                .and_then(|p| std::fs::read(p).ok())
+                .map(|b| {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    b.hash(&mut h);
+                    h.finish()
+                })
+                .unwrap_or(0);
+            server_tls.insert(name.clone(), (cc, format!("{:?}:{ca:x}", d.sslmode)));
+        }
+        Ok(Runtime {
+            config,
+            users,
+            listen_tls,
+            server_tls,
+        })
+    }
+}
+
+/// State every task shares.
+pub struct Shared {
+    runtime: RwLock<Arc<Runtime>>,
+    source: Option<ConfigSource>,
+    pools: Mutex<HashMap<(String, String), Pool>>,
+    pub metrics: Arc<Metrics>,
+    pub closer: Closer,
+    pub cancels: CancelRegistry,
+    /// Every distinct prepared statement (transaction mode), shared by all clients.
+    pub statements: Registry,
+    clients: AtomicUsize,
+    /// Every long-lived task and every closer job; the drain waits on it.
+    pub tracker: TaskTracker,
+    pub shutdown: Arc<Shutdown>,
+    /// Stops the closer task once the drain has closed every pool.
+    closer_stop: CancellationToken,
+    /// The upstream answered its last check (readiness).
+    pub upstream_ok: AtomicBool,
+    pub started: Instant,
+    test_panic: AtomicBool,
+    /// `--listen` / `--admin-listen`: they win over the file on reload too.
+    addr_overrides: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
+}
+
+impl Shared {
+    /// The state of a process that is about to start serving: no pools yet, the closer task
+    /// started on a new tracker.
+    pub fn new(rt: Runtime, source: Option<ConfigSource>) -> Shared {
+        let tracker = TaskTracker::new();
+        let closer_stop = CancellationToken::new();
+        let closer = Closer::start(&tracker, closer_stop.clone());
+        Shared {
+            runtime: RwLock::new(Arc::new(rt)),
+            source,
+            pools: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
+            closer,
+            closer_stop,
+            cancels: CancelRegistry::new(),
+            statements: Registry::default(),
+            clients: AtomicUsize::new(0),
+            tracker,
+            shutdown: Arc::new(Shutdown::new()),
+            upstream_ok: AtomicBool::new(false),
+            started: Instant::now(),
+            test_panic: AtomicBool::new(false),
+            addr_overrides: Mutex::new((None, None)),
+        }
+    }
+
+    /// Count a new client connection, unless `limit` are connected already; the slot
+    /// uncounts it when dropped.
+    pub fn admit_client(self: &Arc<Self>, limit: usize) -> Option<ClientSlot> {
+        if self.clients.load(Ordering::Relaxed) >= limit {
+            return None;
+        }
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        Some(ClientSlot(self.clone()))
+    }
+
+    /// Stop the closer task (the drain, once every pool is closed and its jobs are done).
+    pub fn stop_closer(&self) {
+        self.closer_stop.cancel();
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Test-only: make the next session that holds a server panic.
+    #[doc(hidden)]
+    pub fn panic_next_session_for_test(&self) {
+        self.test_panic.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn take_test_panic(&self) -> bool {
+        self.test_panic.load(Ordering::Relaxed) && self.test_panic.swap(false, Ordering::SeqCst)
+    }
+
+    /// The pool for (database, user), created on first use.
+    pub fn pool_for(
+        &self,
+        rt: &Runtime,
+        database: &str,
+        user: &str,
+        client_password: Option<&str>,
+    ) -> Result<Pool, String> {
+        let key = (database.to_string(), user.to_string());
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pools.get(&key) {
+            return Ok(p.clone());
+        }
+        let (entry_name, _) = rt
+            .config
+            .database_entry(database)
+            .ok_or_else(|| format!("database \"{database}\" does not exist"))?;
+        let target = target_for(rt, database, user, client_password)
+            .ok_or_else(|| format!("database \"{database}\" does not exist"))?;
+        let settings = rt.config.pool_settings(entry_name);
+        let name = format!("{database}/{user}");
+        let pool = Pool::new(
+            &name,
+            target,
+            settings,
+            self.metrics.pool(&name),
+            self.closer.clone(),
+            self.tracker.clone(),
+            rt.config.drain.server_close_timeout,
+        );
+        tracing::info!(pool = %name, "pool created");
+        pools.insert(key, pool.clone());
+        Ok(pool)
+    }
+
+    /// Drop a pool that never got a connection (e.g. a `"*"` database missing upstream), so
+    /// unknown names cannot grow the pool map.
+    pub fn forget_pool_if_unused(&self, pool: &Pool) {
+        let st = pool.status();
+        if st.idle == 0 && st.active == 0 && pool.baseline().is_none() {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.retain(|_, p| !Arc::ptr_eq(&p.inner, &pool.inner));
+        }
+    }
+
+    pub fn pools(&self) -> Vec<Pool> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn pool_statuses(&self) -> Vec<PoolStatus> {
+        let mut v: Vec<PoolStatus> = self.pools().iter().map(Pool::status).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Record the command-line address overrides so a reload applies them again.
+    pub fn set_addr_overrides(&self, listen: Option<SocketAddr>, admin: Option<SocketAddr>) {
+        *self
+            .addr_overrides
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = (listen, admin);
+    }
+
+    /// SIGHUP: read the config again; on success resize and retarget pools.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let Some(source) = &self.source else {
+            return Err(ConfigError("no configuration source to reload".into()));
+        };
+        let mut config = match source {
+            ConfigSource::File(path) => Config::load(path)?,
+            ConfigSource::Upstream(url) => Config::from_upstream(url)?,
+        };
+        let (listen, admin) = *self
+            .addr_overrides
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = listen {
+            config.listen.addr = a;
+        }
+        if let Some(a) = admin {
+            config.admin.addr = a;
+        }
+        let old = self.runtime();
+        if config.listen.addr != old.config.listen.addr || config.admin.addr != old.admin_addr() {
+            tracing::warn!("listen.addr and admin.addr changes take effect only after a restart");
+        }
+        if config.runtime != old.config.runtime {
+            tracing::warn!("runtime.workers changes take effect only after a restart");
+        }
+        let rt = Arc::new(Runtime::new(config)?);
+        for ((database, user), pool) in self.pools.lock().unwrap_or_else(|e| e.into_inner()).iter()
+        {
+            let Some((entry_name, _)) = rt.config.database_entry(database) else {
+                continue;
+            };
+            let password = rt.users.get(user).and_then(|u| u.secret.plaintext());
+            if let Some(target) = target_for(&rt, database, user, password) {
+                pool.reconfigure(target, rt.config.pool_settings(entry_name));
+            }
+        }
+        *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = rt;
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+}
+
+impl Runtime {
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.config.admin.addr
+    }
+}
+
+fn target_for(
+    rt: &Runtime,
+    database: &str,
+    user: &str,
+    client_password: Option<&str>,
+) -> Option<ServerTarget> {
+    let (entry_name, entry) = rt.config.database_entry(database)?;
+    let (tls, tls_id) = rt.server_tls.get(entry_name).cloned().unwrap_or_default();
+    let dbname = match (&entry.dbname, entry_name) {
+        (Some(d), _) => d.clone(),
+        (None, "*") => database.to_string(),
+        (None, name) => name.to_string(),
+    };
+    Some(ServerTarget {
+        host: entry.host.clone(),
+        port: entry.port,
+        dbname,
+        user: entry.user.clone().unwrap_or_else(|| user.to_string()),
+        password: entry
+            .password
+            .clone()
+            .or_else(|| client_password.map(str::to_string)),
+        sslmode: entry.sslmode,
+        tls,
+        tls_id,
+    })
+}
+
+/// Counts a connected client for as long as it lives.
+pub struct ClientSlot(Arc<Shared>);
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
