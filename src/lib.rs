@@ -11,6 +11,7 @@
 //!    - [`tls`]: rustls configs for both sides and the plain-or-TLS stream type.
 //!    - [`auth`]: the server half of client authentication (md5, SCRAM-SHA-256).
 //!    - [`shutdown`]: phases, drain tokens and signals.
+//!    - [`sql`]: a cheap look at SQL text for statements that leave session state behind.
 //! 1. [`backend`]: server connections: login, protocol state, recovery, explicit shutdown and
 //!    the `Drop` leak detector; session parameters and the statements a server has prepared.
 //! 2. [`pool`]: per (database, user) pools, the checkout guard, the closer task, upkeep, the
@@ -32,5 +33,6 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;
+pub mod sql;
 pub mod state;
 pub mod tls;

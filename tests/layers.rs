@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first. The README's architecture table says the same, one line each.
 const LAYERS: &[&[&str]] = &[
-    &["protocol", "config", "metrics", "tls", "auth", "shutdown"],
+    &[
+        "protocol", "config", "metrics", "tls", "auth", "shutdown", "sql",
+    ],
     &["backend"],
     &["pool", "cancel"],
     &["state"],
