@@ -76,6 +76,7 @@ impl Fixture {
             reset_query: "DISCARD ALL".to_string(),
             max_waiting: 10_000,
             max_prepared_statements: 200,
+            session_state: Default::default(),
         };
         let pool = rt.block_on(async {
             let closer = Closer::start(&tracker, stop.clone());

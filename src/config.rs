@@ -181,6 +181,21 @@ pub struct PoolDefaults {
     pub max_waiting: usize,
     /// Transaction mode: named statements kept prepared per server connection (LRU beyond).
     pub max_prepared_statements: usize,
+    /// Transaction mode: state that cannot follow a client to another server (DESIGN.md
+    /// section 8) pins the client to its server, or is refused.
+    pub session_state: SessionStatePolicy,
+}
+
+/// `pool.session_state`: what transaction mode does with a temporary table, SQL `PREPARE`,
+/// `LISTEN`, a session advisory lock or a `WITH HOLD` cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatePolicy {
+    /// The client keeps its server until the state is gone or it leaves.
+    #[default]
+    Pin,
+    /// The statement fails with SQLSTATE 0A000 before it runs.
+    Reject,
 }
 
 impl Default for PoolDefaults {
@@ -196,6 +211,7 @@ impl Default for PoolDefaults {
             reset_query: "DISCARD ALL".to_string(),
             max_waiting: 10_000,
             max_prepared_statements: 200,
+            session_state: SessionStatePolicy::Pin,
         }
     }
 }
@@ -225,6 +241,7 @@ pub struct DatabaseConfig {
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
     pub reset_query: Option<String>,
+    pub session_state: Option<SessionStatePolicy>,
     /// TLS towards this server: disable | prefer | require | verify-ca | verify-full.
     #[serde(default)]
     pub sslmode: crate::tls::SslMode,
@@ -312,6 +329,7 @@ pub struct PoolSettings {
     pub reset_query: String,
     pub max_waiting: usize,
     pub max_prepared_statements: usize,
+    pub session_state: SessionStatePolicy,
 }
 
 impl Config {
@@ -406,6 +424,7 @@ impl Config {
                 server_idle_timeout: None,
                 connect_timeout: None,
                 reset_query: None,
+                session_state: None,
                 sslmode: Default::default(),
                 sslrootcert: None,
             },
@@ -517,6 +536,7 @@ impl Config {
                 .unwrap_or_else(|| p.reset_query.clone()),
             max_waiting: p.max_waiting,
             max_prepared_statements: p.max_prepared_statements,
+            session_state: d.and_then(|d| d.session_state).unwrap_or(p.session_state),
         }
     }
 

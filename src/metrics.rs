@@ -107,6 +107,27 @@ pub struct PoolParseLabel {
     pub outcome: ParseOutcome,
 }
 
+/// `action` label of `tidepool_session_state_total` (DESIGN.md section 8).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SessionStateAction {
+    /// A client's session-level setting was captured, to follow it to other servers.
+    carried,
+    /// A server was returned to its defaults before another client used it.
+    cleaned,
+    /// A client was pinned to its server.
+    pinned,
+    /// A statement was refused (`session_state = "reject"`).
+    rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionStateLabel {
+    pub pool: String,
+    pub kind: &'static str,
+    pub action: SessionStateAction,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolStateLabel {
     pub pool: String,
@@ -234,6 +255,8 @@ pub struct Metrics {
     pub bytes_sent: Family<PoolLabel, Counter>,
     pub shutdowns: Family<PoolOutcomeLabel, Counter>,
     pub parses: Family<PoolParseLabel, Counter>,
+    pub pinned: Family<PoolLabel, Gauge>,
+    pub session_state: Family<SessionStateLabel, Counter>,
     pub draining: Gauge,
     pub client_gauges: ClientGauges,
 }
@@ -357,6 +380,18 @@ impl Metrics {
             "Transaction mode: Parse messages sent to servers (forwarded) or answered from the statement cache (avoided)",
             parses.clone(),
         );
+        let pinned = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "tidepool_pinned_clients",
+            "Transaction mode: clients pinned to their server by session state (temporary tables, PREPARE, LISTEN, advisory locks, WITH HOLD cursors)",
+            pinned.clone(),
+        );
+        let session_state = Family::<SessionStateLabel, Counter>::default();
+        registry.register(
+            "tidepool_session_state",
+            "Transaction mode: session state handled, by kind and action (carried, cleaned, pinned, rejected)",
+            session_state.clone(),
+        );
         let draining = Gauge::default();
         registry.register(
             "tidepool_draining",
@@ -408,6 +443,8 @@ impl Metrics {
             bytes_sent,
             shutdowns,
             parses,
+            pinned,
+            session_state,
             draining,
             client_gauges,
         }
@@ -473,6 +510,11 @@ impl Metrics {
                     outcome: ParseOutcome::avoided,
                 },
             ),
+            pinned: handle(&self.pinned, &l),
+            session_state: SessionStateCounters {
+                pool: l.pool.clone(),
+                family: self.session_state.clone(),
+            },
         }
     }
 
@@ -598,6 +640,30 @@ pub struct PoolMetrics {
     pub shutdown_hard: Counter,
     pub parses_forwarded: Counter,
     pub parses_avoided: Counter,
+    pub pinned: Gauge,
+    pub session_state: SessionStateCounters,
+}
+
+/// One pool's `tidepool_session_state_total` series, created on first use (a cold path: a
+/// client set something or was pinned).
+#[derive(Clone, Debug)]
+pub struct SessionStateCounters {
+    pool: String,
+    family: Family<SessionStateLabel, Counter>,
+}
+
+impl SessionStateCounters {
+    pub fn count(&self, kind: &'static str, action: SessionStateAction) {
+        handle(
+            &self.family,
+            &SessionStateLabel {
+                pool: self.pool.clone(),
+                kind,
+                action,
+            },
+        )
+        .inc();
+    }
 }
 
 impl PoolMetrics {

@@ -1,7 +1,8 @@
 //! Real drivers through transaction mode: psycopg 3 with `prepare_threshold=0` and asyncpg with
 //! its statement cache run workloads of named prepared statements through tidepool (pool size
 //! 2, four client connections, so their transactions move between servers) and check every
-//! result; each test ends with no leaked server connection.
+//! result; psycopg 2, psycopg 3 and asyncpg check that session settings stay with their
+//! connection (pool size 1). Each test ends with no leaked server connection.
 //!
 //! The drivers come from PyPI into a virtualenv at `$CARGO_TARGET_DIR/test-venv` (default
 //! `target/test-venv`), created once and reused while both packages import. The workloads are
@@ -25,7 +26,11 @@ use common::pg::PgCluster;
 use common::tp::{self, config_text, Tidepool};
 
 /// The packages the workloads need (major versions whose APIs they use).
-const PACKAGES: &[&str] = &["psycopg[binary]>=3.1,<4", "asyncpg>=0.27,<1"];
+const PACKAGES: &[&str] = &[
+    "psycopg[binary]>=3.1,<4",
+    "psycopg2-binary>=2.9,<3",
+    "asyncpg>=0.27,<1",
+];
 /// Bound on `pip install` (download and install both packages).
 const PIP_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on one workload script.
@@ -98,8 +103,9 @@ fn probe(python: &Path) -> Result<String, String> {
     let mut cmd = Command::new(python);
     cmd.args([
         "-c",
-        "import psycopg, asyncpg; \
-         print('psycopg', psycopg.__version__, psycopg.pq.__impl__, 'asyncpg', asyncpg.__version__)",
+        "import psycopg, psycopg2, asyncpg; \
+         print('psycopg', psycopg.__version__, psycopg.pq.__impl__, \
+               'psycopg2', psycopg2.__version__, 'asyncpg', asyncpg.__version__)",
     ]);
     match run_bounded(cmd, Duration::from_secs(60))? {
         (st, out) if st.success() => Ok(out.trim().to_string()),
@@ -289,4 +295,28 @@ async fn psycopg_prepare_threshold_0_across_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg_statement_cache_across_servers() {
     driver_test("drv_asyncpg", "asyncpg_workload.py").await;
+}
+
+/// Session isolation (issue 15) with psycopg 2 (`set_session(readonly=True)`, autocommit),
+/// psycopg 3 and asyncpg: over a pool of one server, one connection's read-only default,
+/// statement timeout and custom setting never reach another connection, and stay its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drivers_keep_their_session_settings_their_own() {
+    let python = blocking(venv_python).await;
+    let pg = PgCluster::shared();
+    let db = pg.create_db("drv_iso");
+    let log_start = pg.log_len();
+    let pool = "mode = \"transaction\"\nsize = 1\ncheckout_timeout = \"30s\"\n";
+    let tp = Tidepool::start(&config_text(pg, &db, pool, "")).await;
+    let out = run_script(python, "isolation_workload.py", tp.port(), &db).await;
+    println!("isolation_workload.py:\n{out}");
+    let report = tp.stop().await;
+    assert_eq!(report.leaked, 0, "leaked server connections: {report:?}");
+    let log = pg.log_since(log_start);
+    let abrupt = tp::abrupt_disconnects(&log);
+    assert!(
+        abrupt.is_empty(),
+        "Postgres saw abrupt disconnects:\n{}",
+        abrupt.join("\n")
+    );
 }

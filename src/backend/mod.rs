@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use prometheus_client::metrics::counter::Counter;
@@ -531,11 +531,43 @@ async fn read_message<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// A DataRow body (protocol docs 55.7: Int16 columns, then Int32 length (-1 = NULL) and bytes
+/// each), text format.
+fn parse_data_row(body: &[u8]) -> Vec<Option<String>> {
+    let mut cols = Vec::new();
+    let Some(n) = body.get(..2) else {
+        return cols;
+    };
+    let n = u16::from_be_bytes([n[0], n[1]]) as usize;
+    let mut at = 2;
+    for _ in 0..n {
+        let Some(len) = body.get(at..at + 4) else {
+            break;
+        };
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        at += 4;
+        if len < 0 {
+            cols.push(None);
+            continue;
+        }
+        let Some(v) = body.get(at..at + len as usize) else {
+            break;
+        };
+        cols.push(Some(String::from_utf8_lossy(v).into_owned()));
+        at += len as usize;
+    }
+    cols
+}
+
 /// Result of a statement run by tidepool itself on a server connection.
 #[derive(Debug, Default)]
 pub struct ExecOutcome {
     /// The first ErrorResponse, if any: (SQLSTATE, message).
     pub error: Option<(String, String)>,
+    /// The DataRows, each column as text (`None` for NULL).
+    pub rows: Vec<Vec<Option<String>>>,
+    /// The NoticeResponses, whole (tag and length included), to pass on to a client.
+    pub notices: Vec<bytes::Bytes>,
 }
 
 impl ServerConn {
@@ -627,6 +659,14 @@ impl ServerConn {
                     }
                     self.state.copy_in = false;
                     self.state.copy_out = false;
+                }
+                b'D' => outcome.rows.push(parse_data_row(&body)),
+                b'N' => {
+                    let mut whole = BytesMut::with_capacity(body.len() + 5);
+                    whole.put_u8(b'N');
+                    whole.put_u32(body.len() as u32 + 4);
+                    whole.extend_from_slice(&body);
+                    outcome.notices.push(whole.freeze());
                 }
                 b'G' => {
                     let mut f = BytesMut::new();

@@ -329,19 +329,25 @@ async fn attach(
         }
     };
     let baseline = pool.baseline().unwrap_or_default();
+    // The server's notices while it took the client's settings reach the client as they
+    // would at a direct login (e.g. a too long application_name truncated).
+    let mut notices = Vec::new();
     let (client_params, status) = match server.as_mut() {
         // The common transaction-mode login: usually the pool's cached greeting.
         None => pool.greeting(&baseline, desired),
         Some(server) => {
             let mut client_params = ClientParams::initial(Some(&baseline), &baseline, desired);
-            if let Err((code, message)) = params::sync(
+            match params::sync(
                 server,
                 &mut client_params,
                 rt.config.drain.server_close_timeout,
             )
             .await
             {
-                return Err(LoginError::new(&code, message, RejectReason::protocol));
+                Ok(n) => notices = n,
+                Err((code, message)) => {
+                    return Err(LoginError::new(&code, message, RejectReason::protocol))
+                }
             }
             client_params.adopt_reported(&server.params);
             pool.intern(&mut client_params);
@@ -358,6 +364,9 @@ async fn attach(
     let key = shared.cancels.register(real_pid, cshared.clone());
     let mut out = BytesMut::with_capacity(512);
     protocol::auth_ok(&mut out);
+    for n in &notices {
+        out.extend_from_slice(n);
+    }
     out.extend_from_slice(&status);
     protocol::backend_key_data(&mut out, key.pid, key.secret);
     protocol::ready_for_query(&mut out, b'I');

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Conn, PoolInner};
+use super::{Conn, PoolInner, Reset};
 use crate::metrics::CloseReason;
 
 /// Work for the closer task.
@@ -26,7 +26,7 @@ pub(super) enum CloseKind {
     /// Try to bring it back to idle (and run the reset query, in session mode); if it must
     /// close after all, the reason is `closed_as` when set.
     Recover {
-        reset: bool,
+        reset: Reset,
         closed_as: Option<CloseReason>,
     },
     Close(CloseReason),
@@ -109,14 +109,21 @@ async fn run_job(job: CloseJob, _done: Done) {
             if conn.recover(timeout).await {
                 let settings = pool.settings();
                 let mut clean = true;
-                if reset && !settings.reset_query.is_empty() {
-                    match conn.exec(&settings.reset_query, timeout).await {
+                let sql = match reset {
+                    Reset::No => "",
+                    Reset::ResetQuery => settings.reset_query.as_str(),
+                    // Transaction-mode isolation (DESIGN.md section 8): the whole session, not
+                    // whatever reset_query says.
+                    Reset::DiscardAll => "DISCARD ALL",
+                };
+                if !sql.is_empty() {
+                    match conn.exec(sql, timeout).await {
                         Ok(o) if o.error.is_none() && conn.is_clean() => {
-                            pool.after_reset(&mut conn)
+                            super::after_reset(&mut conn, sql)
                         }
                         Ok(o) => {
                             if let Some((code, msg)) = o.error {
-                                tracing::warn!(pool = %pool.name, %code, %msg, "reset_query failed");
+                                tracing::warn!(pool = %pool.name, %code, %msg, sql, "server reset failed");
                             }
                             clean = false;
                         }

@@ -96,6 +96,8 @@ pub struct PoolStatus {
     pub idle: usize,
     pub active: usize,
     pub waiting: usize,
+    /// Transaction mode: clients pinned to their server by session state.
+    pub pinned: usize,
 }
 
 impl Pool {
@@ -331,6 +333,7 @@ impl Pool {
             idle,
             active,
             waiting: self.inner.waiting.load(Ordering::Relaxed),
+            pinned: self.inner.metrics.pinned.get().max(0) as usize,
         }
     }
 
@@ -499,12 +502,12 @@ impl PoolInner {
         self: &Arc<Self>,
         conn: Conn,
         permit: Option<OwnedSemaphorePermit>,
-        reset: bool,
+        reset: Reset,
         closed_as: Option<CloseReason>,
         now: Instant,
     ) {
         self.metrics.active.dec();
-        if !conn.is_clean() || reset {
+        if !conn.is_clean() || reset != Reset::No {
             // Even when draining: a connection mid-request is recovered (cancel, rollback)
             // before its shutdown, so the server sees Terminate, not a cut-off message.
             self.metrics.closing.inc();
@@ -551,16 +554,6 @@ impl PoolInner {
         self.metrics.idle.inc();
     }
 
-    /// After a successful reset (`DISCARD ALL` / `RESET ALL`) the settings tidepool applied
-    /// are gone; reported ones were updated from the ParameterStatus the reset sent.
-    fn after_reset(&self, conn: &mut ServerConn) {
-        let q = self.settings().reset_query.to_ascii_uppercase();
-        if q.contains("DISCARD ALL") || q.contains("RESET ALL") {
-            conn.applied = Params::default();
-        }
-        conn.synced_fp = None;
-    }
-
     fn send_close(self: &Arc<Self>, conn: Conn, reason: CloseReason) {
         self.metrics.closing.inc();
         self.closer.send(CloseJob {
@@ -593,6 +586,33 @@ impl PoolInner {
 }
 
 /// Idle connections parked at least this long are probed (a non-blocking peek) at checkout.
+/// After a successful reset: `sql::scan` says what `sql` removed. Settings tidepool applied
+/// are gone after `DISCARD ALL` / `RESET ALL` (reported ones were updated from the
+/// ParameterStatus the reset sent), and prepared statements after `DISCARD ALL` /
+/// `DEALLOCATE ALL`.
+fn after_reset(conn: &mut ServerConn, sql: &str) {
+    let fx = crate::sql::scan(sql.as_bytes());
+    if fx.settings {
+        conn.applied = Params::default();
+    }
+    if fx.drops_statements {
+        conn.stmts.clear();
+    }
+    conn.synced_fp = None;
+}
+
+/// What a server connection needs before another client may use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reset {
+    /// Nothing: its session holds nothing of the last client's.
+    No,
+    /// Session mode: the configured `reset_query`.
+    ResetQuery,
+    /// Transaction mode, a client whose session state could not be carried (pinned, or left
+    /// with its settings unread): `DISCARD ALL`.
+    DiscardAll,
+}
+
 const PROBE_AFTER: Duration = Duration::from_millis(50);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -626,7 +646,7 @@ pub struct Checkout {
     permit: Option<OwnedSemaphorePermit>,
     pool: Arc<PoolInner>,
     /// Session mode: run `reset_query` before the connection is lent again.
-    reset_on_return: bool,
+    reset_on_return: Reset,
     /// Why, if the connection ends up closed on return (`forced` for a forced session).
     close_reason: Option<CloseReason>,
     pub since: Instant,
@@ -645,7 +665,7 @@ impl Checkout {
             conn: Some(conn),
             permit: Some(permit),
             pool,
-            reset_on_return: false,
+            reset_on_return: Reset::No,
             close_reason: None,
             since: now,
             returned_at: None,
@@ -658,8 +678,16 @@ impl Checkout {
         self.returned_at = Some(now);
     }
 
+    /// Session mode: run `reset_query` when the connection comes back.
     pub fn set_reset_on_return(&mut self, reset: bool) {
-        self.reset_on_return = reset;
+        if self.reset_on_return != Reset::DiscardAll {
+            self.reset_on_return = if reset { Reset::ResetQuery } else { Reset::No };
+        }
+    }
+
+    /// Transaction mode: `DISCARD ALL` before anyone else uses the connection.
+    pub fn set_discard_on_return(&mut self) {
+        self.reset_on_return = Reset::DiscardAll;
     }
 
     /// The reason to count if this connection is closed when it comes back.

@@ -167,6 +167,7 @@ impl Session {
     /// Give the server back: clean ones to the idle list, anything else to the closer along
     /// with the client bytes it had framed but not written.
     pub(super) async fn hand_off(&mut self) {
+        self.clean_on_leave();
         let Some(mut server) = self.server.take() else {
             return;
         };

@@ -20,6 +20,7 @@
 
 mod buffers;
 mod exit;
+mod isolation;
 pub mod prepared;
 pub mod tracking;
 
@@ -35,7 +36,8 @@ use tokio_util::io::poll_read_buf;
 use self::buffers as spare;
 pub use self::exit::ADMIN_SHUTDOWN;
 use self::exit::{DrainWatch, Exit};
-use self::prepared::ClientStmts;
+use self::isolation as iso;
+use self::prepared::ClientExtras;
 use self::tracking::Pending;
 use crate::backend::params;
 use crate::config::PoolMode;
@@ -92,13 +94,19 @@ struct Session {
     txn_started: Option<std::time::Instant>,
     /// Which `tidepool_client_connections{state}` gauge counts this client now.
     gauge: ClientState,
-    /// Transaction mode: requests sent and the replies they wait for (see `prepared`).
-    track: bool,
+    /// Transaction mode: requests sent and the replies they wait for (see `tracking`); the
+    /// requests are tracked when `iso` has `isolation::TRACK`.
     pending: VecDeque<Pending>,
-    /// Transaction mode: the client's statement names.
-    stmts: ClientStmts,
+    /// Transaction mode: the client's statement names and other rarely used state.
+    extras: ClientExtras,
     /// Bytes `cbuf` must hold before the message being framed can be handled (0: none).
     c_need: usize,
+    /// Transaction mode: the `sql::pin` kinds of session state the client holds on its
+    /// server; while any, the server is not released (DESIGN.md section 8).
+    pins: u8,
+    /// Flags (`isolation::TRACK`, `PIN_LOGGED`, `REJECTING`, `DDL`, `UNREAD`): one byte for
+    /// all, so the session stays within its size (see `size_tests`).
+    iso: u8,
 }
 
 fn gauge_of(g: &ClientGauges, state: ClientState) -> &prometheus_client::metrics::gauge::Gauge {
@@ -117,6 +125,9 @@ fn gauge_of(g: &ClientGauges, state: ClientState) -> &prometheus_client::metrics
 impl Drop for Session {
     fn drop(&mut self) {
         gauge_of(&self.shared.metrics.client_gauges, self.gauge).dec();
+        if self.pins != 0 {
+            self.pool_metrics().pinned.dec();
+        }
         self.shared.cancels.unregister(self.login.key);
         spare::give(std::mem::take(&mut self.cbuf));
         spare::give(std::mem::take(&mut self.sbuf));
@@ -155,10 +166,11 @@ impl Session {
         let track = login.mode == PoolMode::Transaction;
         Session {
             gauge,
-            track,
             pending: VecDeque::new(),
-            stmts: ClientStmts::default(),
+            extras: ClientExtras::default(),
             c_need: 0,
+            pins: 0,
+            iso: if track { iso::TRACK } else { 0 },
             shared,
             server,
             login,
@@ -327,6 +339,10 @@ impl Session {
                     Ok(true) => {}
                     Ok(false) => return Some(Exit::ClientGone),
                     Err(e) => return Some(Exit::Protocol(e)),
+                }
+                // A refused statement sent nothing, so no reply will end the transaction.
+                if self.c_ready == 0 && self.releasable() {
+                    self.release().await;
                 }
             }
 
@@ -548,6 +564,12 @@ impl Session {
             self.server = Some(server);
             return Some(Exit::Sync(code, msg));
         }
+        if sql.contains("RESET ") {
+            // Another client's session settings, removed before this one runs.
+            self.pool_metrics()
+                .session_state
+                .count("parameter", crate::metrics::SessionStateAction::cleaned);
+        }
         self.start(server);
         None
     }
@@ -563,6 +585,9 @@ impl Session {
 
     /// Return the server after a transaction (transaction mode).
     async fn release(&mut self) {
+        if self.iso & (iso::UNREAD | iso::DDL) != 0 {
+            Box::pin(self.after_transaction()).await;
+        }
         let Some(server) = self.server.take() else {
             return;
         };

@@ -26,31 +26,55 @@ use super::Session;
 use crate::backend::statements::Stmt;
 use crate::pool::Checkout;
 use crate::protocol;
+use crate::sql;
 
-/// A transaction-mode client's statement names. Boxed and made on the first named statement:
-/// an empty `HashMap` inline would cost every session, idle or not, 40 bytes more, and most
-/// clients never name a statement.
+/// A transaction-mode client's rarely used state: its statement names, and the custom
+/// settings (`app.tenant`) its current transaction named, to read back when it ends (see
+/// `isolation`). Boxed and made on first use: an empty `HashMap` and `Vec` inline would cost
+/// every session, idle or not, 64 bytes more, and most clients never name a statement nor set
+/// anything.
 #[derive(Default)]
-#[allow(clippy::box_collection)] // the box is the point: 8 bytes inline instead of 48
-pub(super) struct ClientStmts(Option<Box<HashMap<Vec<u8>, Arc<Stmt>>>>);
+pub(super) struct ClientExtras(Option<Box<Extras>>);
 
-impl ClientStmts {
+#[derive(Default)]
+pub(super) struct Extras {
+    names: HashMap<Vec<u8>, Arc<Stmt>>,
+    custom: Vec<String>,
+}
+
+impl ClientExtras {
     pub(super) fn get(&self, name: &[u8]) -> Option<&Arc<Stmt>> {
-        self.0.as_ref()?.get(name)
+        self.0.as_ref()?.names.get(name)
     }
 
     pub(super) fn insert(&mut self, name: Vec<u8>, stmt: Arc<Stmt>) {
-        self.0.get_or_insert_default().insert(name, stmt);
+        self.0.get_or_insert_default().names.insert(name, stmt);
     }
 
     pub(super) fn remove(&mut self, name: &[u8]) {
         if let Some(m) = self.0.as_mut() {
-            m.remove(name);
+            m.names.remove(name);
         }
     }
 
+    /// Forget every statement name (`DISCARD ALL`, `DEALLOCATE ALL`).
     pub(super) fn clear(&mut self) {
-        self.0 = None;
+        match self.0.as_mut() {
+            Some(e) if !e.custom.is_empty() => e.names.clear(),
+            _ => self.0 = None,
+        }
+    }
+
+    /// The custom setting names to read back after this transaction.
+    pub(super) fn custom_mut(&mut self) -> &mut Vec<String> {
+        &mut self.0.get_or_insert_default().custom
+    }
+
+    pub(super) fn take_custom(&mut self) -> Vec<String> {
+        self.0
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.custom))
+            .unwrap_or_default()
     }
 }
 
@@ -67,13 +91,31 @@ impl Session {
             b'P' => {
                 let (name, after) = cstr(msg, 5).ok_or_else(bad)?;
                 if name.is_empty() {
+                    let fx = sql::scan(&msg[after..]);
+                    if !fx.is_none() {
+                        if let Some(kind) = self.note_effects(fx, at + after..at + h.total) {
+                            self.refuse(kind, Kind::Parse, at, h.total);
+                            self.iso |= super::iso::REJECTING;
+                            return Ok(0);
+                        }
+                    }
                     self.pending.push_back(Pending::forward(Kind::Parse));
                     return Ok(h.total);
                 }
                 let stmt = self.shared.statements.intern(&msg[after..]);
+                if !stmt.effects.is_none() {
+                    if let Some(kind) = self.note_effects(stmt.effects, at + after..at + h.total) {
+                        self.refuse(kind, Kind::Parse, at, h.total);
+                        self.iso |= super::iso::REJECTING;
+                        return Ok(0);
+                    }
+                }
+                let msg = &self.cbuf[at..at + h.total];
+                let (name, _) = cstr(msg, 5).ok_or_else(bad)?;
                 let name = name.to_vec();
+                let epoch = self.shared.statements.epoch();
                 let server = self.server.as_mut().ok_or_else(bad)?;
-                if server.stmts.has(stmt.id) {
+                if server.stmts.has(stmt.id, epoch) {
                     self.pool_metrics().parses_avoided.inc();
                     self.pending.push_back(Pending {
                         kind: Kind::Parse,
@@ -84,9 +126,17 @@ impl Session {
                 } else {
                     // (A field path: `server` borrows `self.server` mutably.)
                     self.login.pool.inner.metrics.parses_forwarded.inc();
-                    prepare_on(server, &stmt, cap, &mut out, &mut self.pending, false);
+                    prepare_on(
+                        server,
+                        &stmt,
+                        cap,
+                        epoch,
+                        &mut out,
+                        &mut self.pending,
+                        false,
+                    );
                 }
-                self.stmts.insert(name, stmt);
+                self.extras.insert(name, stmt);
             }
             b'B' | b'D' => {
                 // Bind: portal, statement. Describe: 'S' or 'P', then the name.
@@ -108,7 +158,7 @@ impl Session {
                     Kind::Describe
                 };
                 let Some(stmt) = (!name.is_empty())
-                    .then(|| self.stmts.get(name))
+                    .then(|| self.extras.get(name))
                     .flatten()
                     .cloned()
                 else {
@@ -116,11 +166,22 @@ impl Session {
                     self.pending.push_back(Pending::forward(kind));
                     return Ok(h.total);
                 };
+                if h.tag == b'B' && !stmt.effects.is_none() {
+                    // Running it again (a prepared `SELECT set_config(...)`, ...).
+                    let text = at..at;
+                    if let Some(kind) = self.note_effects(stmt.effects, text) {
+                        self.refuse(kind, Kind::Bind, at, h.total);
+                        self.iso |= super::iso::REJECTING;
+                        return Ok(0);
+                    }
+                }
+                let msg = &self.cbuf[at..at + h.total];
+                let epoch = self.shared.statements.epoch();
                 let server = self.server.as_mut().ok_or_else(bad)?;
-                if !server.stmts.has(stmt.id) {
+                if !server.stmts.has(stmt.id, epoch) {
                     // (A field path: `server` borrows `self.server` mutably.)
                     self.login.pool.inner.metrics.parses_forwarded.inc();
-                    prepare_on(server, &stmt, cap, &mut out, &mut self.pending, true);
+                    prepare_on(server, &stmt, cap, epoch, &mut out, &mut self.pending, true);
                 }
                 // The message with the server-side name.
                 let new_len = h.total - (name_end - name_at) + stmt.name.len() + 1;
@@ -148,7 +209,7 @@ impl Session {
                     return Ok(h.total);
                 }
                 // The server keeps it for other clients; the client's name is gone.
-                self.stmts.remove(name);
+                self.extras.remove(name);
                 self.pending.push_back(Pending {
                     kind: Kind::Close,
                     action: Action::Synth(b'3'),
@@ -170,6 +231,7 @@ pub(super) fn prepare_on(
     server: &mut Checkout,
     stmt: &Arc<Stmt>,
     cap: usize,
+    epoch: u64,
     out: &mut BytesMut,
     pending: &mut VecDeque<Pending>,
     hidden: bool,
@@ -180,7 +242,7 @@ pub(super) fn prepare_on(
         parsed: None,
         uses: None,
     };
-    if let Some(evicted) = server.stmts.add(stmt.clone(), cap) {
+    if let Some(evicted) = server.stmts.add(stmt.clone(), cap, epoch) {
         put_close_stmt(out, &evicted.name);
         pending.push_back(hide(Kind::Close));
     }

@@ -11,6 +11,7 @@ use super::buffers::splice;
 use super::Session;
 use crate::config::PoolMode;
 use crate::protocol;
+use crate::sql;
 
 /// Largest server message tidepool inspects whole (ParameterStatus, ReadyForQuery).
 const MAX_INSPECTED: usize = 64 * 1024;
@@ -52,6 +53,9 @@ pub enum Action {
     Hide(Option<u64>),
     /// No request was sent: produce this reply for the client when its turn comes.
     Synth(u8),
+    /// A statement refused by `session_state = "reject"` (a `sql::pin` kind), not sent:
+    /// produce its ErrorResponse (and, for a simple Query, ReadyForQuery) when its turn comes.
+    Reject(u8),
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +86,8 @@ pub(super) enum Tracked {
     NeedMore,
     /// Replaced by this many bytes (already accounted for).
     Rewritten(usize),
+    /// A simple Query refused before it was sent: removed, its answer queued.
+    Refused,
     /// Handle as usual.
     PassOn,
 }
@@ -95,6 +101,7 @@ impl Session {
             && self.c_rem == 0
             && self.s_rem == 0
             && self.sbuf.len() == self.s_ready
+            && self.pins == 0
     }
 
     /// Frame client bytes from `c_ready` on; update the server's protocol state. Returns
@@ -119,7 +126,7 @@ impl Session {
                 Ok(None) => return Ok(true),
                 Err(e) => return Err(e.to_string()),
             };
-            if self.track {
+            if self.iso & super::iso::TRACK != 0 {
                 match self.track_client(h, avail)? {
                     Tracked::NeedMore => return Ok(true),
                     Tracked::Rewritten(len) => {
@@ -131,6 +138,10 @@ impl Session {
                         if let Some(server) = self.server.as_mut() {
                             server.state.in_extended = true;
                         }
+                        self.emit_synths();
+                        continue;
+                    }
+                    Tracked::Refused => {
                         self.emit_synths();
                         continue;
                     }
@@ -205,11 +216,11 @@ impl Session {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
             };
-            if self.track && !matches!(h.tag, b'N' | b'S' | b'A') {
+            if self.iso & super::iso::TRACK != 0 && !matches!(h.tag, b'N' | b'S' | b'A') {
                 match self.track_server(h, avail)? {
                     Tracked::NeedMore => return Ok(()),
                     // Synthesised replies were inserted, or a hidden one removed: look again.
-                    Tracked::Rewritten(_) => continue,
+                    Tracked::Rewritten(_) | Tracked::Refused => continue,
                     Tracked::PassOn => {}
                 }
             }
@@ -282,18 +293,37 @@ impl Session {
         avail: usize,
     ) -> Result<Tracked, String> {
         let at = self.c_ready;
+        if self.iso & super::iso::REJECTING != 0 {
+            // After a refused Parse the rest of the batch is dropped, as a server skips to
+            // Sync after an error (protocol docs 55.2.3).
+            if matches!(h.tag, b'S' | b'Q' | b'X') {
+                self.iso &= !super::iso::REJECTING;
+            } else {
+                if avail < h.total {
+                    self.cbuf.reserve(h.total - avail);
+                    self.c_need = at + h.total;
+                    return Ok(Tracked::NeedMore);
+                }
+                self.c_need = 0;
+                splice(&mut self.cbuf, at, h.total, &[]);
+                return Ok(Tracked::Rewritten(0));
+            }
+        }
         let kind = match h.tag {
             b'Q' | b'F' => {
                 if h.tag == b'Q' {
-                    let want = h.total.min(5 + 64);
-                    if avail < want {
-                        self.cbuf.reserve(want - avail);
+                    // The whole text: a session-level SET may follow any `;`.
+                    if avail < h.total {
+                        self.cbuf.reserve(h.total - avail);
+                        self.c_need = at + h.total;
                         return Ok(Tracked::NeedMore);
                     }
-                    if super::prepared::drops_all_statements(&self.cbuf[at + 5..at + want]) {
-                        self.stmts.clear();
-                        if let Some(server) = self.server.as_mut() {
-                            server.stmts.clear();
+                    self.c_need = 0;
+                    let fx = sql::scan(&self.cbuf[at + 5..at + h.total]);
+                    if !fx.is_none() {
+                        if let Some(refused) = self.note_effects(fx, at + 5..at + h.total) {
+                            self.refuse(refused, Kind::Query, at, h.total);
+                            return Ok(Tracked::Refused);
                         }
                     }
                 }
@@ -354,9 +384,10 @@ impl Session {
                 if let Action::Hide(Some(id)) = p.action {
                     server.stmts.remove(id);
                 }
-                // A stale plan (0A000) or a statement the server lost (26000): prepare it
-                // afresh next time.
-                if let (Some(id), "0A000" | "26000") = (p.uses, code.as_str()) {
+                // A stale plan (0A000), a statement the server lost (26000), or one whose
+                // types are gone from the catalog (XX000 "cache lookup failed", after DDL run
+                // past tidepool): prepare it afresh next time.
+                if let (Some(id), "0A000" | "26000" | "XX000") = (p.uses, code.as_str()) {
                     server.stmts.remove(id);
                 }
             }
@@ -382,27 +413,45 @@ impl Session {
     /// Emit the synthesised replies at the head of the queue (their turn has come: every
     /// earlier reply has been framed). Returns true if any was emitted.
     pub(super) fn emit_synths(&mut self) -> bool {
-        let mut out = [0u8; 5 * 8];
-        let mut n = 0;
-        while n < 8 {
-            match self.pending.front() {
-                Some(Pending {
-                    action: Action::Synth(tag),
-                    ..
-                }) => {
-                    out[n * 5..n * 5 + 5].copy_from_slice(&[*tag, 0, 0, 0, 4]);
-                    n += 1;
-                    self.pending.pop_front();
+        let mut emitted = false;
+        loop {
+            let mut out = [0u8; 5 * 8];
+            let mut n = 0;
+            while n < 8 {
+                match self.pending.front() {
+                    Some(Pending {
+                        action: Action::Synth(tag),
+                        ..
+                    }) => {
+                        out[n * 5..n * 5 + 5].copy_from_slice(&[*tag, 0, 0, 0, 4]);
+                        n += 1;
+                        self.pending.pop_front();
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
+            if n > 0 {
+                splice(&mut self.sbuf, self.s_ready, 0, &out[..n * 5]);
+                self.s_ready += n * 5;
+                emitted = true;
+                continue;
+            }
+            // A refused statement (a cold path): its error, and for a Query its
+            // ReadyForQuery; a refused Parse drops the rest of its batch up to Sync.
+            let Some(&Pending {
+                action: Action::Reject(kind),
+                kind: request,
+                ..
+            }) = self.pending.front()
+            else {
+                return emitted;
+            };
+            self.pending.pop_front();
+            let bytes = self.refusal(kind, request == Kind::Query);
+            splice(&mut self.sbuf, self.s_ready, 0, &bytes);
+            self.s_ready += bytes.len();
+            emitted = true;
         }
-        if n == 0 {
-            return false;
-        }
-        splice(&mut self.sbuf, self.s_ready, 0, &out[..n * 5]);
-        self.s_ready += n * 5;
-        true
     }
 }
 
