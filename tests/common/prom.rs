@@ -21,8 +21,9 @@ pub struct Prometheus {
 
 impl Prometheus {
     /// Start Prometheus scraping `127.0.0.1:{admin_port}/metrics` every second (job
-    /// `tidepool`) and evaluating `rule_files` every second; returns once it answers
-    /// `/-/ready`.
+    /// `tidepool`) and evaluating `rule_files` every second; returns once it has scraped the
+    /// target successfully (its scrape manager takes up to 5 s after start to pick targets
+    /// up, so a test that starts its load earlier would not be seen).
     pub fn start(admin_port: u16, rule_files: &[&Path]) -> Prometheus {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
@@ -56,7 +57,9 @@ impl Prometheus {
         let mut p = Prometheus { child, port, dir };
         let t0 = Instant::now();
         loop {
-            if http_get(port, "/-/ready").0 == 200 {
+            if http_get(port, "/-/ready").0 == 200
+                && query(port, "up{job=\"tidepool\"} == 1").len() == 1
+            {
                 return p;
             }
             if let Ok(Some(status)) = p.child.try_wait() {
@@ -64,7 +67,7 @@ impl Prometheus {
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
-                "prometheus not ready after 20s:\n{}",
+                "prometheus has not scraped tidepool 20s after start:\n{}",
                 p.log()
             );
             std::thread::sleep(Duration::from_millis(100));
