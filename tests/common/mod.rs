@@ -6,7 +6,9 @@
 //! - [`pg`]: throwaway PostgreSQL clusters (wrapping `scripts/pgcluster`).
 //! - [`tp`]: tidepool under test (in-process, or the real binary).
 //! - [`raw`]: a raw wire-protocol client.
+//! - [`prom`]: a real Prometheus server scraping an in-process tidepool.
 
 pub mod pg;
+pub mod prom;
 pub mod raw;
 pub mod tp;
