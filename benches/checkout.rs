@@ -56,8 +56,8 @@ impl Fixture {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let target = ServerTarget {
-            host: pg.host().to_string(),
-            port: pg.port(),
+            hosts: vec![(pg.host().to_string(), pg.port())],
+            attrs: Default::default(),
             dbname: "postgres".to_string(),
             user: pg::SUPERUSER.to_string(),
             password: None,
@@ -77,6 +77,11 @@ impl Fixture {
             max_waiting: 10_000,
             max_prepared_statements: 200,
             session_state: Default::default(),
+            idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
+            server_check_delay: Duration::from_secs(30),
+            server_login_retry: Duration::from_secs(2),
         };
         let pool = rt.block_on(async {
             let closer = Closer::start(&tracker, stop.clone());

@@ -7,19 +7,18 @@
 //! cancel is only sent while the client holds the server, under the same lock.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::backend::{send_cancel, BackendKey};
+use crate::backend::{send_cancel, BackendKey, ServerAddr};
 
 #[derive(Default)]
 struct CancelState {
     /// The server the client holds now: its address and real key.
-    server: Option<(SocketAddr, BackendKey)>,
+    server: Option<(ServerAddr, BackendKey)>,
     /// Cancels being delivered to that server.
     inflight: u32,
 }
@@ -37,7 +36,7 @@ impl ClientShared {
     }
 
     /// The client now holds this server.
-    pub fn hold(&self, addr: SocketAddr, key: BackendKey) {
+    pub fn hold(&self, addr: ServerAddr, key: BackendKey) {
         self.lock().server = Some((addr, key));
     }
 
@@ -75,7 +74,7 @@ impl ClientShared {
     pub async fn cancel(&self) {
         let target = {
             let mut s = self.lock();
-            match s.server {
+            match s.server.clone() {
                 Some(t) => {
                     s.inflight += 1;
                     t

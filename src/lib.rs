@@ -12,6 +12,7 @@
 //!    - [`auth`]: the server half of client authentication (md5, SCRAM-SHA-256).
 //!    - [`shutdown`]: phases, drain tokens and signals.
 //!    - [`sql`]: a cheap look at SQL text for statements that leave session state behind.
+//!    - [`unix_socket`]: the client listener on a Unix-domain socket.
 //! 1. [`backend`]: server connections: login, protocol state, recovery, explicit shutdown and
 //!    the `Drop` leak detector; session parameters and the statements a server has prepared.
 //! 2. [`pool`]: per (database, user) pools, the checkout guard, the closer task, upkeep, the
@@ -36,3 +37,4 @@ pub mod shutdown;
 pub mod sql;
 pub mod state;
 pub mod tls;
+pub mod unix_socket;

@@ -190,6 +190,7 @@ fn daemon(cli: Cli) -> ExitCode {
         };
         tracing::info!(
             listen = %server.local_addr(),
+            unix_socket = ?server.unix_socket_path(),
             admin = ?server.admin_addr(),
             version = env!("CARGO_PKG_VERSION"),
             workers,

@@ -107,6 +107,35 @@ pub struct PoolParseLabel {
     pub outcome: ParseOutcome,
 }
 
+/// `kind` label of `tidepool_timeouts_total` (DESIGN.md section 9).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TimeoutKind {
+    query,
+    idle_transaction,
+    client_idle,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolTimeoutLabel {
+    pub pool: String,
+    pub kind: TimeoutKind,
+}
+
+/// `outcome` label of `tidepool_server_checks_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CheckOutcome {
+    ok,
+    failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolCheckLabel {
+    pub pool: String,
+    pub outcome: CheckOutcome,
+}
+
 /// `action` label of `tidepool_session_state_total` (DESIGN.md section 8).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -257,6 +286,8 @@ pub struct Metrics {
     pub parses: Family<PoolParseLabel, Counter>,
     pub pinned: Family<PoolLabel, Gauge>,
     pub session_state: Family<SessionStateLabel, Counter>,
+    pub timeouts: Family<PoolTimeoutLabel, Counter>,
+    pub server_checks: Family<PoolCheckLabel, Counter>,
     pub draining: Gauge,
     pub client_gauges: ClientGauges,
 }
@@ -392,6 +423,18 @@ impl Metrics {
             "Transaction mode: session state handled, by kind and action (carried, cleaned, pinned, rejected)",
             session_state.clone(),
         );
+        let timeouts = Family::<PoolTimeoutLabel, Counter>::default();
+        registry.register(
+            "tidepool_timeouts",
+            "Clients ended or requests cancelled by query_timeout, idle_transaction_timeout or client_idle_timeout",
+            timeouts.clone(),
+        );
+        let server_checks = Family::<PoolCheckLabel, Counter>::default();
+        registry.register(
+            "tidepool_server_checks",
+            "Idle server connections checked with a round trip before they were lent (server_check_delay)",
+            server_checks.clone(),
+        );
         let draining = Gauge::default();
         registry.register(
             "tidepool_draining",
@@ -445,6 +488,8 @@ impl Metrics {
             parses,
             pinned,
             session_state,
+            timeouts,
+            server_checks,
             draining,
             client_gauges,
         }
@@ -511,11 +556,45 @@ impl Metrics {
                 },
             ),
             pinned: handle(&self.pinned, &l),
+            timeouts: [
+                TimeoutKind::query,
+                TimeoutKind::idle_transaction,
+                TimeoutKind::client_idle,
+            ]
+            .map(|kind| {
+                handle(
+                    &self.timeouts,
+                    &PoolTimeoutLabel {
+                        pool: pool.to_string(),
+                        kind,
+                    },
+                )
+            }),
+            server_checks: [CheckOutcome::ok, CheckOutcome::failed].map(|outcome| {
+                handle(
+                    &self.server_checks,
+                    &PoolCheckLabel {
+                        pool: pool.to_string(),
+                        outcome,
+                    },
+                )
+            }),
             session_state: SessionStateCounters {
                 pool: l.pool.clone(),
                 family: self.session_state.clone(),
             },
         }
+    }
+
+    /// The leak counter of pool `pool` (for a server connection outside the pools, such as
+    /// the readiness check's).
+    pub fn leaked_counter(&self, pool: &str) -> Counter {
+        handle(
+            &self.leaked,
+            &PoolLabel {
+                pool: pool.to_string(),
+            },
+        )
     }
 
     pub fn reject(&self, reason: RejectReason) {
@@ -642,6 +721,10 @@ pub struct PoolMetrics {
     pub parses_avoided: Counter,
     pub pinned: Gauge,
     pub session_state: SessionStateCounters,
+    /// `tidepool_timeouts_total`, indexed by `TimeoutKind`.
+    pub timeouts: [Counter; 3],
+    /// `tidepool_server_checks_total`, indexed by `CheckOutcome`.
+    pub server_checks: [Counter; 2],
 }
 
 /// One pool's `tidepool_session_state_total` series, created on first use (a cold path: a
@@ -669,6 +752,14 @@ impl SessionStateCounters {
 impl PoolMetrics {
     pub fn closed(&self, reason: CloseReason) -> &Counter {
         &self.closed[reason as usize]
+    }
+
+    pub fn timeout(&self, kind: TimeoutKind) -> &Counter {
+        &self.timeouts[kind as usize]
+    }
+
+    pub fn server_check(&self, outcome: CheckOutcome) -> &Counter {
+        &self.server_checks[outcome as usize]
     }
 
     /// Handles not registered anywhere (unit tests).

@@ -13,14 +13,19 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, ConfigError, ConfigSource};
+use crate::frontend::Peer;
 use crate::metrics::{CloseReason, RejectReason};
 use crate::shutdown::{DrainReport, Phase};
 use crate::state::{Runtime, Shared};
+use crate::tls::{ClientStream, MaybeTls};
+use crate::unix_socket::{UnixSocket, UnixSocketError};
 
 /// A bound, not yet running tidepool.
 pub struct Server {
     pub shared: Arc<Shared>,
     listener: TcpListener,
+    /// `listen.unix_socket_dir`: the Unix-socket listener, if configured.
+    unix: Option<UnixSocket>,
     admin: Option<std::net::TcpListener>,
 }
 
@@ -35,6 +40,22 @@ impl Server {
         let listener = TcpListener::bind(rt.config.listen.addr)
             .await
             .map_err(|e| ServeError::Bind(rt.config.listen.addr, e))?;
+        // The Unix socket is named after the TCP port actually bound (libpq's naming).
+        let port = listener
+            .local_addr()
+            .map_err(|e| ServeError::Bind(rt.config.listen.addr, e))?
+            .port();
+        let unix = match rt.config.listen.unix_socket_path(port) {
+            Some(path) => {
+                let mode = rt
+                    .config
+                    .listen
+                    .unix_socket_mode_bits()
+                    .map_err(|e| ServeError::Config(ConfigError(e)))?;
+                Some(UnixSocket::bind(&path, mode).map_err(ServeError::Unix)?)
+            }
+            None => None,
+        };
         let admin = if admin {
             let l = std::net::TcpListener::bind(rt.config.admin.addr)
                 .map_err(|e| ServeError::Bind(rt.config.admin.addr, e))?;
@@ -48,6 +69,7 @@ impl Server {
         Ok(Server {
             shared,
             listener,
+            unix,
             admin,
         })
     }
@@ -56,6 +78,11 @@ impl Server {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The Unix socket's path, if one is listened on.
+    pub fn unix_socket_path(&self) -> Option<&std::path::Path> {
+        self.unix.as_ref().map(UnixSocket::path)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -67,6 +94,7 @@ impl Server {
         let Server {
             shared,
             listener,
+            unix,
             admin,
         } = self;
         // The admin endpoint runs outside the tracker: it must answer until the very end.
@@ -82,7 +110,7 @@ impl Server {
         });
         shared.tracker.spawn(upkeep(shared.clone()));
         shared.tracker.spawn(upstream_check(shared.clone()));
-        let accept = tokio::spawn(accept_loop(shared.clone(), listener));
+        let accept = tokio::spawn(accept_loop(shared.clone(), listener, unix));
         shared.shutdown.set_phase(Phase::Running);
         tracing::info!("tidepool ready");
 
@@ -104,9 +132,11 @@ pub enum ServeError {
     Config(ConfigError),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Unix(UnixSocketError),
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, unix: Option<UnixSocket>) {
     let drain = shared.shutdown.drain_token();
     let force = shared.shutdown.force_token();
     let mut draining = false;
@@ -115,9 +145,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((sock, peer)) => spawn_client(&shared, sock, peer),
+                Ok((sock, peer)) => spawn_client(&shared, MaybeTls::Plain(sock), Peer::Tcp(peer)),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            r = async { unix.as_ref().expect("guarded").listener.accept().await }, if unix.is_some() => match r {
+                Ok((sock, _)) => spawn_client(&shared, MaybeTls::Unix(Box::new(sock)), Peer::Unix),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed (Unix socket)");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -135,10 +172,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
     shared.shutdown.stop_accepting();
     drop(listener);
+    // The Unix socket closes with the TCP listener, and its file goes with it.
+    drop(unix);
     tracing::info!("listener closed");
 }
 
-fn spawn_client(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
+fn spawn_client(shared: &Arc<Shared>, sock: ClientStream, peer: Peer) {
     // Up to `max_clients` connections over the limit are served far enough to be told
     // `53300 sorry, too many clients already` once they send their startup packet. Past twice
     // the limit a connection is closed at once, unread: a flood of connections that send
@@ -173,42 +212,91 @@ async fn upkeep(shared: Arc<Shared>) {
     }
 }
 
-/// Readiness: can the upstream be reached? A TCP connect per configured server, once a second,
-/// bounded by `connect_timeout`; it uses no pool slot. (Postgres logs nothing for a connection
-/// that sends no data, see ProcessStartupPacket in postmaster.c.)
+/// How often readiness is checked.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Readiness (DESIGN.md section 5): ready when the upstream accepted a real login at the last
+/// check, or a server connection answered since the one before (a transaction completed: no
+/// login needed then). The login uses no pool slot, runs as each pool's server user (or a
+/// database entry's configured `user`), and ends with the explicit shutdown. Only when no
+/// credentials are known yet (no pool, no configured user) does a TCP connect stand in.
 async fn upstream_check(shared: Arc<Shared>) {
     let drain = shared.shutdown.drain_token();
+    let mut last_transactions = 0;
     loop {
-        let rt = shared.runtime();
-        let timeout = rt.config.pool.connect_timeout;
-        let mut ok = true;
-        let mut seen = std::collections::HashSet::new();
-        for entry in rt.config.databases.values() {
-            if !seen.insert((entry.host.clone(), entry.port)) {
-                continue;
-            }
-            let r = tokio::time::timeout(
-                timeout,
-                TcpStream::connect((entry.host.as_str(), entry.port)),
-            )
-            .await;
-            if !matches!(r, Ok(Ok(_))) {
-                ok = false;
-            }
-        }
+        let transactions = shared.metrics.total("tidepool_transactions_total");
+        let answered = transactions > last_transactions;
+        last_transactions = transactions;
+        let ok = answered || login_check(&shared).await;
         let was = shared.upstream_ok.swap(ok, Ordering::Relaxed);
         if was != ok {
             if ok {
-                tracing::info!("upstream reachable");
+                tracing::info!("upstream ready: it accepted a login");
             } else {
-                tracing::warn!("upstream unreachable");
+                tracing::warn!("upstream not ready: no login accepted");
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
             _ = drain.cancelled() => return,
         }
     }
+}
+
+/// One real login per distinct server (the pools' targets, else the database entries that
+/// name a user); true if every one succeeded.
+async fn login_check(shared: &Arc<Shared>) -> bool {
+    let rt = shared.runtime();
+    let timeout = rt.config.pool.connect_timeout;
+    // (target, its pool's name: the leak detector counts under it)
+    let mut targets: Vec<(crate::backend::ServerTarget, String)> = shared
+        .pools()
+        .iter()
+        .map(|p| ((*p.target()).clone(), p.name().to_string()))
+        .collect();
+    if targets.is_empty() {
+        targets = rt.login_targets();
+    }
+    if targets.is_empty() {
+        return tcp_check(&rt, timeout).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (t, pool) in targets {
+        if !seen.insert((t.hosts.clone(), t.dbname.clone(), t.user.clone())) {
+            continue;
+        }
+        let leaked = shared.metrics.leaked_counter(&pool);
+        match crate::backend::connect(&t, Arc::from(pool.as_str()), leaked, timeout).await {
+            Ok(conn) => {
+                conn.shutdown(rt.config.drain.server_close_timeout).await;
+            }
+            Err(e) => {
+                tracing::debug!(target = ?t, error = %e, "readiness login failed");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Without credentials: can each configured server be reached over TCP? (Postgres logs nothing
+/// for a connection that sends no data: ProcessStartupPacket in postmaster.c.)
+async fn tcp_check(rt: &Runtime, timeout: Duration) -> bool {
+    // Per database entry: one of its hosts answers.
+    for entry in rt.config.databases.values() {
+        let mut any = false;
+        for (host, port) in entry.hosts().unwrap_or_default() {
+            let r = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port))).await;
+            if matches!(r, Ok(Ok(_))) {
+                any = true;
+                break;
+            }
+        }
+        if !any {
+            return false;
+        }
+    }
+    true
 }
 
 /// The drain, DESIGN.md section 4: wait for clients (bounded by `drain.timeout`), force the

@@ -163,6 +163,16 @@ impl Shutdown {
         self.force.clone()
     }
 
+    /// The boundary token itself, for a waiter that lives no longer than this `Shutdown`.
+    pub fn boundary_token_ref(&self) -> &CancellationToken {
+        &self.boundary
+    }
+
+    /// The force token itself (see [`boundary_token_ref`](Self::boundary_token_ref)).
+    pub fn force_token_ref(&self) -> &CancellationToken {
+        &self.force
+    }
+
     /// Logins are refused once the accept window after a drain is over.
     pub fn refuse_new_clients(&self) -> bool {
         self.refuse.load(Ordering::Acquire)

@@ -301,6 +301,23 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Server logins the readiness check can make before any pool exists: each database
+    /// entry that names its server `user`, with the pool name it would have.
+    pub fn login_targets(&self) -> Vec<(ServerTarget, String)> {
+        self.config
+            .databases
+            .iter()
+            .filter(|(name, _)| name.as_str() != "*")
+            .filter_map(|(name, entry)| {
+                let user = entry.user.as_deref()?;
+                let target = target_for(self, name, user, None)?;
+                Some((target, format!("{name}/{user}")))
+            })
+            .collect()
+    }
+}
+
 fn target_for(
     rt: &Runtime,
     database: &str,
@@ -315,8 +332,8 @@ fn target_for(
         (None, name) => name.to_string(),
     };
     Some(ServerTarget {
-        host: entry.host.clone(),
-        port: entry.port,
+        hosts: entry.hosts().ok()?,
+        attrs: entry.target_session_attrs,
         dbname,
         user: entry.user.clone().unwrap_or_else(|| user.to_string()),
         password: entry

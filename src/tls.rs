@@ -16,7 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
@@ -206,11 +206,14 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// A stream that is plain TCP or TLS over TCP. `Taken` only exists for the moment a plain
-/// stream is being upgraded (its TCP socket moved into the TLS handshake); I/O on it fails.
+/// A stream that is plain TCP, TLS over TCP, or a Unix-domain socket (never encrypted, as
+/// with Postgres). `Taken` only exists for the moment a plain stream is being upgraded (its
+/// TCP socket moved into the TLS handshake); I/O on it fails.
 pub enum MaybeTls<T> {
     Plain(TcpStream),
     Tls(Box<T>),
+    /// Boxed: a second inline socket would grow every client's session by a discriminant.
+    Unix(Box<UnixStream>),
     Taken,
 }
 
@@ -234,12 +237,28 @@ impl<T> MaybeTls<T> {
         match self {
             MaybeTls::Plain(s) => Some(s),
             MaybeTls::Tls(t) => Some(t.tcp()),
-            MaybeTls::Taken => None,
+            MaybeTls::Unix(_) | MaybeTls::Taken => None,
+        }
+    }
+
+    /// The socket itself, TCP or Unix (for a peek or a best-effort write that must not go
+    /// through TLS).
+    pub fn socket(&self) -> Option<socket2::SockRef<'_>>
+    where
+        T: TlsTcp,
+    {
+        match self {
+            MaybeTls::Unix(u) => Some(socket2::SockRef::from(&**u)),
+            _ => self.tcp().map(socket2::SockRef::from),
         }
     }
 
     pub fn is_tls(&self) -> bool {
         matches!(self, MaybeTls::Tls(_))
+    }
+
+    pub fn is_unix(&self) -> bool {
+        matches!(self, MaybeTls::Unix(_))
     }
 
     /// Ready when the socket has data to read (plain TCP). Under TLS, decrypted bytes may
@@ -248,6 +267,7 @@ impl<T> MaybeTls<T> {
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             MaybeTls::Plain(s) => s.poll_read_ready(cx),
+            MaybeTls::Unix(s) => s.poll_read_ready(cx),
             MaybeTls::Tls(_) => Poll::Ready(Ok(())),
             MaybeTls::Taken => Poll::Ready(Err(taken())),
         }
@@ -279,6 +299,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Unix(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
             MaybeTls::Taken => Poll::Ready(Err(taken())),
         }
@@ -293,6 +314,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Unix(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
             MaybeTls::Taken => Poll::Ready(Err(taken())),
         }
@@ -300,6 +322,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Unix(s) => Pin::new(s.as_mut()).poll_flush(cx),
             MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
             MaybeTls::Taken => Poll::Ready(Err(taken())),
         }
@@ -307,6 +330,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Unix(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
             MaybeTls::Taken => Poll::Ready(Err(taken())),
         }
@@ -318,6 +342,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Unix(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
             MaybeTls::Taken => Poll::Ready(Err(taken())),
         }
@@ -325,6 +350,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn is_write_vectored(&self) -> bool {
         match self {
             MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Unix(s) => s.is_write_vectored(),
             MaybeTls::Tls(t) => t.is_write_vectored(),
             MaybeTls::Taken => false,
         }

@@ -1127,7 +1127,13 @@ async fn misbehaving_server(fault: Fault) {
     let tp = Tidepool::start(&config_text(
         pg,
         &db,
-        &pool_cfg("transaction", 2, "checkout_timeout = \"5s\""),
+        // Connect attempts after a failed one wait server_login_retry: short here, as each
+        // client's login makes its own attempt.
+        &pool_cfg(
+            "transaction",
+            2,
+            "checkout_timeout = \"5s\"\nserver_login_retry = \"100ms\"",
+        ),
         &extra,
     ))
     .await;

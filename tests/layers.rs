@@ -11,7 +11,14 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first. The README's architecture table says the same, one line each.
 const LAYERS: &[&[&str]] = &[
     &[
-        "protocol", "config", "metrics", "tls", "auth", "shutdown", "sql",
+        "protocol",
+        "config",
+        "metrics",
+        "tls",
+        "auth",
+        "shutdown",
+        "sql",
+        "unix_socket",
     ],
     &["backend"],
     &["pool", "cancel"],

@@ -296,8 +296,13 @@ async fn no_metric_in_the_rules_or_the_dashboard_is_invented() {
     let db = pg.create_db("mon_names");
     let tp = Tidepool::start_with(&config_text(pg, &db, "size = 2", ""), true).await;
     let admin = tp.admin.expect("admin endpoint").port();
-    // Serving a query creates the pool, and with it every pool series (at 0).
+    // Serving a query creates the pool, and with it every pool series (at 0); a session-level
+    // SET creates the session-isolation series, which exist only once used.
     let c = tp.connect(&db).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("SET statement_timeout = '1min'")
+        .await
+        .unwrap();
     c.simple_query("SELECT 1").await.unwrap();
     let (code, exposition) = blocking(move || http_get(admin, "/metrics")).await;
     assert_eq!(code, 200);
@@ -373,6 +378,13 @@ async fn a_real_prometheus_gets_data_for_every_panel_and_rule_under_pgbench_load
             tp::pgbench_processed(&out).unwrap_or(0) > 100,
             "pgbench: {out}"
         );
+        // A client that sets a session-level setting: the session-isolation series
+        // (tidepool_session_state_total, created on first use) have data too.
+        let c = tp.connect(&db).await;
+        c.batch_execute("SET statement_timeout = '1min'; SELECT 1")
+            .await
+            .unwrap();
+        drop(c);
 
         // Every recording rule, by its recorded name and by its expression, and every
         // dashboard expression returns data. (Rules are evaluated every second; the first

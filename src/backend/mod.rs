@@ -5,30 +5,34 @@
 //! for the server's EOF, all bounded) or [`ServerConn::close_hard`]. `Drop` is only a detector;
 //! see the type's docs and DESIGN.md section 1.
 
+mod login;
 pub mod params;
 pub mod statements;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use postgres_protocol::message::frontend;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::rustls::ClientConfig;
 
+use crate::config::TargetSessionAttrs;
 use crate::protocol::{self, TERMINATE};
-use crate::tls::{MaybeTls, ServerStream, SslMode};
+use crate::tls::{ServerStream, SslMode};
+
+pub use self::login::connect;
 
 /// Where and as whom a pool connects.
 #[derive(Clone)]
 pub struct ServerTarget {
-    pub host: String,
-    pub port: u16,
+    /// The servers to try, in order (libpq's multiple hosts).
+    pub hosts: Vec<(String, u16)>,
+    /// Which of them may be used.
+    pub attrs: TargetSessionAttrs,
     pub dbname: String,
     pub user: String,
     pub password: Option<String>,
@@ -42,8 +46,8 @@ pub struct ServerTarget {
 
 impl PartialEq for ServerTarget {
     fn eq(&self, o: &Self) -> bool {
-        self.host == o.host
-            && self.port == o.port
+        self.hosts == o.hosts
+            && self.attrs == o.attrs
             && self.dbname == o.dbname
             && self.user == o.user
             && self.password == o.password
@@ -54,11 +58,11 @@ impl PartialEq for ServerTarget {
 
 impl std::fmt::Debug for ServerTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}@{}:{}/{}",
-            self.user, self.host, self.port, self.dbname
-        )
+        write!(f, "{}@", self.user)?;
+        for (i, (h, p)) in self.hosts.iter().enumerate() {
+            write!(f, "{}{h}:{p}", if i > 0 { "," } else { "" })?;
+        }
+        write!(f, "/{}", self.dbname)
     }
 }
 
@@ -102,6 +106,21 @@ impl BackendError {
             _ => "08006",
         }
     }
+}
+
+/// Where a server connection goes, for its CancelRequests: a TCP address, or the path of a
+/// Unix-domain socket. Cloning is cheap (a copy, or a reference count).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(Arc<std::path::Path>),
+}
+
+/// libpq's rule: a host that starts with `/` is the directory of a server's Unix socket,
+/// `DIR/.s.PGSQL.PORT`.
+pub fn unix_socket_path(host: &str, port: u16) -> Option<std::path::PathBuf> {
+    host.starts_with('/')
+        .then(|| std::path::Path::new(host).join(format!(".s.PGSQL.{port}")))
 }
 
 /// The server's key for CancelRequest.
@@ -256,7 +275,7 @@ pub struct ServerConn {
     pub idle_since: Instant,
     pub state: ProtoState,
     pub key: BackendKey,
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// Current server-side values of reported parameters (ParameterStatus).
     pub params: Params,
     /// Non-reported settings tidepool applied for a client (`options=-c ...`).
@@ -290,221 +309,6 @@ pub enum ShutdownOutcome {
     Clean,
     /// The graceful path failed or timed out; the socket was closed anyway.
     Hard,
-}
-
-fn set_socket_options(stream: &TcpStream) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let sock = socket2::SockRef::from(stream);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    sock.set_tcp_keepalive(&ka)?;
-    Ok(())
-}
-
-/// Connect to `target`, log in and wait for the first ReadyForQuery.
-///
-/// # Cancel safety
-/// Not cancel safe in the sense that matters here: cancelling drops a half-logged-in socket,
-/// which Postgres logs as an unexpected EOF. The pool therefore runs every login in a task of
-/// its own that always completes (`Pool::with_permit`).
-pub async fn connect(
-    target: &ServerTarget,
-    pool: Arc<str>,
-    leaked: Counter,
-    timeout: Duration,
-) -> Result<ServerConn, BackendError> {
-    match tokio::time::timeout(timeout, connect_inner(target, pool, leaked)).await {
-        Ok(r) => r,
-        Err(_) => Err(BackendError::ConnectTimeout(format!(
-            "{}:{}",
-            target.host, target.port
-        ))),
-    }
-}
-
-async fn connect_inner(
-    target: &ServerTarget,
-    pool: Arc<str>,
-    leaked: Counter,
-) -> Result<ServerConn, BackendError> {
-    let addr_text = format!("{}:{}", target.host, target.port);
-    let stream = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .map_err(|source| BackendError::Connect {
-            addr: addr_text.clone(),
-            source,
-        })?;
-    set_socket_options(&stream)?;
-    let addr = stream.peer_addr()?;
-    let mut stream = negotiate_tls(stream, target).await?;
-
-    let mut out = BytesMut::with_capacity(256);
-    frontend::startup_message(
-        [
-            ("user", target.user.as_str()),
-            ("database", target.dbname.as_str()),
-        ],
-        &mut out,
-    )?;
-    stream.write_all(&out).await?;
-    out.clear();
-
-    let mut buf = BytesMut::with_capacity(1024);
-    let mut params = Params::default();
-    let mut key = BackendKey::default();
-    let mut scram: Option<ScramSha256> = None;
-    loop {
-        let (tag, body) = read_message(&mut stream, &mut buf).await?;
-        match tag {
-            b'R' => {
-                if body.len() < 4 {
-                    return Err(BackendError::Protocol(
-                        "short authentication message".into(),
-                    ));
-                }
-                let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                let data = &body[4..];
-                match code {
-                    0 => {}
-                    3 => {
-                        let pw = password(target)?;
-                        frontend::password_message(pw.as_bytes(), &mut out)?;
-                    }
-                    5 => {
-                        if data.len() < 4 {
-                            return Err(BackendError::Protocol("short md5 salt".into()));
-                        }
-                        let pw = password(target)?;
-                        let salt = [data[0], data[1], data[2], data[3]];
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            target.user.as_bytes(),
-                            pw.as_bytes(),
-                            salt,
-                        );
-                        frontend::password_message(hash.as_bytes(), &mut out)?;
-                    }
-                    10 => {
-                        let offers_scram = data.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
-                        if !offers_scram {
-                            return Err(BackendError::UnsupportedAuth("SASL (non SCRAM-SHA-256)"));
-                        }
-                        let pw = password(target)?;
-                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
-                        scram = Some(s);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or_else(|| {
-                            BackendError::Protocol("unexpected SASLContinue".into())
-                        })?;
-                        s.update(data)
-                            .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}")))?;
-                        frontend::sasl_response(s.message(), &mut out)?;
-                    }
-                    12 => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| BackendError::Protocol("unexpected SASLFinal".into()))?;
-                        s.finish(data)
-                            .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}")))?;
-                    }
-                    2 => return Err(BackendError::UnsupportedAuth("Kerberos")),
-                    6 => return Err(BackendError::UnsupportedAuth("SCM credentials")),
-                    7 | 8 => return Err(BackendError::UnsupportedAuth("GSSAPI")),
-                    9 => return Err(BackendError::UnsupportedAuth("SSPI")),
-                    _ => return Err(BackendError::Protocol(format!("auth code {code}"))),
-                }
-                if !out.is_empty() {
-                    stream.write_all(&out).await?;
-                    out.clear();
-                }
-            }
-            b'S' => {
-                if let Some((k, v)) = protocol::parse_parameter_status(&body) {
-                    params.set(k, v);
-                }
-            }
-            b'K' => {
-                if body.len() >= 8 {
-                    key = BackendKey {
-                        pid: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
-                        secret: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
-                    };
-                }
-            }
-            b'E' => {
-                let (code, message) = protocol::parse_error_fields(&body);
-                return Err(BackendError::Server { code, message });
-            }
-            b'N' => {}
-            b'Z' => {
-                let now = Instant::now();
-                return Ok(ServerConn {
-                    stream,
-                    closed: false,
-                    id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
-                    pool,
-                    created: now,
-                    idle_since: now,
-                    state: ProtoState::default(),
-                    key,
-                    addr,
-                    params,
-                    applied: Params::default(),
-                    synced_fp: None,
-                    pending: None,
-                    stmts: Default::default(),
-                    leaked,
-                });
-            }
-            other => {
-                return Err(BackendError::Protocol(format!(
-                    "unexpected message '{}' during login",
-                    other as char
-                )))
-            }
-        }
-    }
-}
-
-/// SSLRequest, then a TLS handshake if the server answers `S` (protocol docs 55.2.10).
-async fn negotiate_tls(
-    mut tcp: TcpStream,
-    target: &ServerTarget,
-) -> Result<ServerStream, BackendError> {
-    let Some(config) = target.tls.clone() else {
-        return Ok(MaybeTls::Plain(tcp));
-    };
-    let mut req = BytesMut::new();
-    frontend::ssl_request(&mut req);
-    tcp.write_all(&req).await?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await?;
-    match answer[0] {
-        b'S' => {
-            let name = rustls_pki_types::ServerName::try_from(target.host.clone())
-                .map_err(|e| BackendError::Tls(std::io::Error::other(e.to_string())))?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(BackendError::Tls)?;
-            Ok(MaybeTls::Tls(Box::new(tls)))
-        }
-        b'N' if target.sslmode == SslMode::Prefer => Ok(MaybeTls::Plain(tcp)),
-        b'N' => Err(BackendError::TlsRefused(target.sslmode)),
-        other => Err(BackendError::Protocol(format!(
-            "unexpected answer to SSLRequest: {other}"
-        ))),
-    }
-}
-
-fn password(target: &ServerTarget) -> Result<&str, BackendError> {
-    target
-        .password
-        .as_deref()
-        .ok_or_else(|| BackendError::NoPassword(target.user.clone()))
 }
 
 /// Read one whole message (login and control paths only; the relay has its own framing).
@@ -571,6 +375,36 @@ pub struct ExecOutcome {
 }
 
 impl ServerConn {
+    /// Does this server match `attrs` (libpq's `target_session_attrs`)? Postgres 14 and later
+    /// report `in_hot_standby` and `default_transaction_read_only` at login; an older server
+    /// is asked (`SHOW transaction_read_only`, as libpq does).
+    pub async fn accepts(
+        &mut self,
+        attrs: TargetSessionAttrs,
+        timeout: Duration,
+    ) -> Result<bool, BackendError> {
+        if attrs == TargetSessionAttrs::Any {
+            return Ok(true);
+        }
+        let on = |k: &str| self.params.get(k).map(|v| v == "on");
+        let standby = on("in_hot_standby");
+        let read_only = on("default_transaction_read_only");
+        let (standby, read_only) = match (standby, read_only) {
+            (Some(s), Some(r)) => (s, r),
+            _ => {
+                let o = self.exec("SHOW transaction_read_only", timeout).await?;
+                let ro = o.rows.first().and_then(|r| r.first()).cloned().flatten();
+                let ro = ro.as_deref() == Some("on");
+                (ro, ro)
+            }
+        };
+        Ok(match attrs {
+            TargetSessionAttrs::Any => true,
+            TargetSessionAttrs::Primary => !standby,
+            TargetSessionAttrs::ReadWrite => !standby && !read_only,
+        })
+    }
+
     pub fn stream(&mut self) -> &mut ServerStream {
         &mut self.stream
     }
@@ -593,11 +427,11 @@ impl ServerConn {
     /// a restart), so any byte means the connection must go.
     pub fn idle_check(&self) -> bool {
         // A peek, not a read: under TLS the bytes belong to the TLS layer.
-        let Some(tcp) = self.stream.tcp() else {
+        let Some(sock) = self.stream.socket() else {
             return false;
         };
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        matches!(socket2::SockRef::from(tcp).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        matches!(sock.peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Run one simple-protocol statement that tidepool issues itself (parameter sync, reset,
@@ -755,7 +589,7 @@ impl ServerConn {
             // A query may still be running: cancel it, and wait for the postmaster to close the
             // cancel connection (the signal has then been sent) so that it cannot hit a later
             // query on this connection.
-            let _ = send_cancel(self.addr, self.key).await;
+            let _ = send_cancel(self.addr.clone(), self.key).await;
             self.read_to_ready(None).await?;
         }
         Ok(())
@@ -830,8 +664,10 @@ impl Drop for ServerConn {
         if self.state.partial_to_server.is_none() && self.pending.is_none() {
             // One non-blocking send(2) on plain TCP (under TLS it would corrupt the record
             // stream); whatever happens, we do not wait.
-            if let MaybeTls::Plain(tcp) = &self.stream {
-                let _ = socket2::SockRef::from(tcp).send(&TERMINATE);
+            if !self.stream.is_tls() {
+                if let Some(sock) = self.stream.socket() {
+                    let _ = sock.send(&TERMINATE);
+                }
             }
         }
     }
@@ -839,14 +675,22 @@ impl Drop for ServerConn {
 
 /// Send a CancelRequest for `key` to `addr` over a new connection and wait (bounded) until the
 /// postmaster closes it, which it does after signalling the backend.
-pub async fn send_cancel(addr: SocketAddr, key: BackendKey) -> std::io::Result<()> {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        let mut s = TcpStream::connect(addr).await?;
+pub async fn send_cancel(addr: ServerAddr, key: BackendKey) -> std::io::Result<()> {
+    async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut s: S,
+        key: BackendKey,
+    ) -> std::io::Result<()> {
         s.write_all(&protocol::cancel_request(key.pid, key.secret))
             .await?;
         let mut sink = [0u8; 64];
         while s.read(&mut sink).await? > 0 {}
         Ok(())
+    }
+    tokio::time::timeout(Duration::from_secs(5), async {
+        match addr {
+            ServerAddr::Tcp(a) => exchange(TcpStream::connect(a).await?, key).await,
+            ServerAddr::Unix(p) => exchange(UnixStream::connect(&*p).await?, key).await,
+        }
     })
     .await
     .unwrap_or_else(|_| {

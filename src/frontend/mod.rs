@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::auth::{md5_verify, ScramServer};
@@ -25,6 +24,23 @@ use crate::pool::{CheckoutError, Pool};
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket};
 use crate::state::{Runtime, Shared};
 use crate::tls::{ClientStream, MaybeTls};
+
+/// Where a client connected from (for its log span).
+#[derive(Clone, Copy, Debug)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// The Unix-domain socket listener (its peers have no address).
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => a.fmt(f),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
 
 /// A login-phase failure, already worded for the client.
 #[derive(Debug)]
@@ -51,14 +67,16 @@ impl LoginError {
 /// neither the one-time login nor a second copy of the arguments may size every idle client.
 pub fn serve_client(
     shared: Arc<Shared>,
-    sock: TcpStream,
-    peer: SocketAddr,
+    sock: ClientStream,
+    peer: Peer,
     slot: impl Send + 'static,
 ) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!("client", client.addr = %peer);
     async move {
         let _slot = slot;
-        let _ = sock.set_nodelay(true);
+        if let MaybeTls::Plain(tcp) = &sock {
+            let _ = tcp.set_nodelay(true);
+        }
         let Some((sock, login)) = Box::pin(login(&shared, sock)).await else {
             return;
         };
@@ -68,8 +86,8 @@ pub fn serve_client(
 }
 
 /// Startup, authentication and attaching to a pool; a refused client gets its FATAL here.
-async fn login(shared: &Arc<Shared>, tcp: TcpStream) -> Option<(ClientStream, LoggedIn)> {
-    let mut sock = ClientStream::Plain(tcp);
+async fn login(shared: &Arc<Shared>, sock: ClientStream) -> Option<(ClientStream, LoggedIn)> {
+    let mut sock = sock;
     let rt = shared.runtime();
     let over_limit = shared.client_count() > rt.config.listen.max_clients;
     // listen.login_timeout bounds startup and authentication; waiting for a server after
@@ -191,7 +209,9 @@ async fn handshake(
                     ));
                 }
                 match (&packet, &rt.listen_tls) {
-                    (StartupPacket::Ssl, Some((acceptor, _))) => {
+                    // TLS over TCP only; a Unix socket is answered `N`, as Postgres does
+                    // when it offers no SSL there (libpq never asks over one).
+                    (StartupPacket::Ssl, Some((acceptor, _))) if !sock.is_unix() => {
                         sock.write_all(b"S").await.map_err(io_err)?;
                         let MaybeTls::Plain(tcp) = std::mem::replace(sock, MaybeTls::Taken) else {
                             return Ok(None);
@@ -220,6 +240,7 @@ async fn handshake(
         }
     };
     if !sock.is_tls()
+        && !sock.is_unix()
         && matches!(
             &rt.listen_tls,
             Some((_, crate::tls::ListenTlsMode::Require))
@@ -377,7 +398,7 @@ async fn attach(
     let server = match (server, settings.mode) {
         (Some(mut server), PoolMode::Session) => {
             server.set_reset_on_return(true);
-            cshared.hold(server.addr, server.key);
+            cshared.hold(server.addr.clone(), server.key);
             Some(server)
         }
         (other, _) => {

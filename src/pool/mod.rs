@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::{self, BackendError, Params, ServerConn, ServerTarget, ShutdownOutcome};
 use crate::config::PoolSettings;
-use crate::metrics::{CloseReason, PoolMetrics};
+use crate::metrics::{CheckOutcome, CloseReason, PoolMetrics};
 
 pub use self::closer::Closer;
 use self::closer::{CloseJob, CloseKind};
@@ -73,6 +73,34 @@ pub struct PoolInner {
     /// startup parameters (see [`Pool::greeting`]).
     greeting: Mutex<Option<Greeting>>,
     conn_generation: Mutex<std::collections::HashMap<u64, u64>>,
+    /// The last failed connect, if the last connect failed (`server_login_retry`).
+    last_failure: Mutex<Option<ConnectFailure>>,
+}
+
+/// A failed connect, remembered for `server_login_retry`.
+#[derive(Debug, Clone)]
+struct ConnectFailure {
+    at: Instant,
+    code: String,
+    message: String,
+}
+
+impl ConnectFailure {
+    fn new(e: &BackendError) -> Self {
+        ConnectFailure {
+            at: Instant::now(),
+            code: e.sqlstate().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The error a client gets: the last connect error's message and SQLSTATE.
+    fn error(&self) -> CheckoutError {
+        CheckoutError::Connect(BackendError::Server {
+            code: self.code.clone(),
+            message: self.message.clone(),
+        })
+    }
 }
 
 impl std::fmt::Debug for PoolInner {
@@ -131,6 +159,7 @@ impl Pool {
                 client_params: Mutex::new(None),
                 greeting: Mutex::new(None),
                 conn_generation: Mutex::new(Default::default()),
+                last_failure: Mutex::new(None),
             }),
         }
     }
@@ -195,7 +224,8 @@ impl Pool {
             }
         };
         inner.metrics.checkout_wait.observe(start.elapsed());
-        self.with_permit(permit, &settings).await
+        let deadline = start + settings.checkout_timeout;
+        self.with_permit(permit, &settings, deadline).await
     }
 
     /// One shared copy of equal client parameter sets: returns the pool's copy if it equals
@@ -226,8 +256,15 @@ impl Pool {
         inner.metrics.idle.dec();
         // One clock read for the checks and the checkout time (reads are not free in a VM).
         let now = Instant::now();
-        if let Some(reason) = inner.unusable(&conn, &inner.settings(), now) {
+        let settings = inner.settings();
+        if let Some(reason) = inner.unusable(&conn, &settings, now) {
             inner.send_close(conn, reason);
+            return None;
+        }
+        if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay {
+            // Unused long enough to need a round trip first: the caller's `checkout` does it.
+            lock(&inner.idle).push_back(conn);
+            inner.metrics.idle.inc();
             return None;
         }
         inner
@@ -247,38 +284,81 @@ impl Pool {
         }
         let settings = inner.settings();
         match inner.sem.clone().try_acquire_owned() {
-            Ok(permit) => self.with_permit(permit, &settings).await.map(Some),
+            Ok(permit) => {
+                let deadline = Instant::now() + settings.checkout_timeout;
+                self.with_permit(permit, &settings, deadline)
+                    .await
+                    .map(Some)
+            }
             Err(tokio::sync::TryAcquireError::Closed) => Err(CheckoutError::Closed),
             Err(tokio::sync::TryAcquireError::NoPermits) => Ok(None),
         }
     }
 
-    /// Holding a slot: an idle connection that still looks alive, else a new one.
+    /// Holding a slot: an idle connection that still looks alive (checked with a round trip
+    /// when unused for `server_check_delay`), else a new one. `deadline` bounds the wait for a
+    /// connect to be allowed again after a failed one (`server_login_retry`).
     async fn with_permit(
         &self,
         permit: OwnedSemaphorePermit,
         settings: &PoolSettings,
+        deadline: Instant,
     ) -> Result<Checkout, CheckoutError> {
         let inner = &self.inner;
         loop {
             let candidate = lock(&inner.idle).pop_back();
-            let Some(conn) = candidate else { break };
+            let Some(mut conn) = candidate else { break };
             inner.metrics.idle.dec();
             let now = Instant::now();
             if let Some(reason) = inner.unusable(&conn, settings, now) {
                 inner.send_close(conn, reason);
                 continue;
             }
+            if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay
+                && !inner.check(&mut conn).await
+            {
+                inner.send_close(conn, CloseReason::error);
+                continue;
+            }
             inner.metrics.active.inc();
-            return Ok(Checkout::new(conn, permit, inner.clone(), now));
+            return Ok(Checkout::new(conn, permit, inner.clone(), Instant::now()));
         }
-        // Log in to a new server in a task of its own that owns the slot: if the client
-        // waiting for it goes away meanwhile, the login still completes and the connection is
-        // parked as idle, instead of a half-logged-in socket being dropped (which Postgres
-        // would log as an unexpected EOF).
+        loop {
+            // After a failed connect the next one waits for server_login_retry: clients that
+            // ask meanwhile wait for it (up to their checkout_timeout, then they get the last
+            // connect error), so a server that is down or refusing sees one attempt per
+            // interval however many clients ask. A client whose own attempt failed is told
+            // at once, with the server's SQLSTATE (or 08006).
+            if let Some(failure) = inner.connect_failure(settings.server_login_retry) {
+                let until = (failure.at + settings.server_login_retry).min(deadline);
+                if Instant::now() >= deadline {
+                    return Err(failure.error());
+                }
+                tokio::time::sleep_until(until.into()).await;
+                if Instant::now() >= deadline {
+                    return Err(failure.error());
+                }
+                continue;
+            }
+            return match self.connect(settings.connect_timeout).await {
+                Ok(conn) => {
+                    *lock(&inner.last_failure) = None;
+                    inner.metrics.active.inc();
+                    Ok(Checkout::new(conn, permit, inner.clone(), Instant::now()))
+                }
+                Err(e) => {
+                    *lock(&inner.last_failure) = Some(ConnectFailure::new(&e));
+                    Err(CheckoutError::Connect(e))
+                }
+            };
+        }
+    }
+
+    /// Open and log in a new server connection, in a task of its own that always completes
+    /// (a login cut off half way is an abrupt disconnect for Postgres; `backend::connect`).
+    async fn connect(&self, connect_timeout: Duration) -> Result<Conn, BackendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let pool = self.clone();
-        let connect_timeout = settings.connect_timeout;
         self.inner.tracker.spawn(async move {
             let inner = &pool.inner;
             let target = pool.target();
@@ -294,7 +374,8 @@ impl Pool {
             let conn = match r {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = tx.send(Err(CheckoutError::Connect(e)));
+                    tracing::debug!(pool = %inner.name, error = %e, "server login failed");
+                    let _ = tx.send(Err(e));
                     return;
                 }
             };
@@ -307,15 +388,15 @@ impl Pool {
                 }
             }
             tracing::debug!(conn.id = conn.id, pool = %inner.name, pid = conn.key.pid, "server connection opened");
-            inner.metrics.active.inc();
-            // If nobody waits any more, the returned Checkout drops here: back to idle.
-            let checkout = Checkout::new(Box::new(conn), permit, inner.clone(), Instant::now());
-            let _ = tx.send(Ok(checkout));
+            let conn = Box::new(conn);
+            if let Err(Ok(conn)) = tx.send(Ok(conn)) {
+                // The client stopped waiting: the connection goes to the idle list.
+                inner.return_clean(conn, None);
+            }
         });
-        rx.await.unwrap_or(Err(CheckoutError::Closed))
+        rx.await.unwrap_or(Err(BackendError::Closed))
     }
 
-    /// Idle, active (checked out) and waiting counts.
     pub fn status(&self) -> PoolStatus {
         let s = self.settings();
         // Both read under the idle lock: a checkout counts a connection as active only after
@@ -395,6 +476,39 @@ impl Pool {
         }
     }
 
+    /// A server answered `25006` (read-only transaction) on connection `conn_id`: after a
+    /// failover the host it is on is no longer the primary. With `target_session_attrs` other
+    /// than `any`, every connection of the pool is replaced (idle ones now, the others as they
+    /// come back, each with the explicit shutdown) and new ones go to whichever host is
+    /// writable now. Once per failover: a connection already made stale changes nothing.
+    pub fn server_read_only(&self, conn_id: u64) {
+        let inner = &self.inner;
+        if self.target().attrs == crate::config::TargetSessionAttrs::Any {
+            return;
+        }
+        let current = inner.generation.load(Ordering::Acquire);
+        let of_conn = lock(&inner.conn_generation)
+            .get(&conn_id)
+            .copied()
+            .unwrap_or(0);
+        if of_conn != current {
+            return;
+        }
+        if inner
+            .generation
+            .compare_exchange(current, current + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        tracing::warn!(pool = %inner.name, "a server is read-only (25006): replacing the pool's connections");
+        let idle: Vec<Conn> = lock(&inner.idle).drain(..).collect();
+        for c in idle {
+            inner.metrics.idle.dec();
+            inner.send_close(c, CloseReason::error);
+        }
+    }
+
     /// Apply new settings and target (SIGHUP). The size changes at once for new checkouts;
     /// connections to a changed target are replaced as they come back.
     pub fn reconfigure(&self, target: ServerTarget, settings: PoolSettings) {
@@ -457,6 +571,31 @@ impl Pool {
 }
 
 impl PoolInner {
+    /// The last failed connect, while connects must still wait for `retry` after it.
+    fn connect_failure(&self, retry: Duration) -> Option<ConnectFailure> {
+        let f = lock(&self.last_failure);
+        f.as_ref().filter(|f| f.at.elapsed() < retry).cloned()
+    }
+
+    /// `server_check_delay`: a round trip (an empty query) on a connection idle that long,
+    /// bounded by `server_close_timeout`. Counted in `tidepool_server_checks_total`.
+    async fn check(&self, conn: &mut ServerConn) -> bool {
+        let ok = matches!(
+            conn.exec("", self.server_close_timeout).await,
+            Ok(o) if o.error.is_none() && conn.is_clean()
+        );
+        let outcome = if ok {
+            CheckOutcome::ok
+        } else {
+            CheckOutcome::failed
+        };
+        self.metrics.server_check(outcome).inc();
+        if !ok {
+            tracing::info!(conn.id = conn.id, pool = %self.name, "idle server connection failed its check: replaced");
+        }
+        ok
+    }
+
     fn settings(&self) -> Arc<PoolSettings> {
         self.settings
             .read()

@@ -196,6 +196,50 @@ impl PgCluster {
         })
     }
 
+    /// A streaming standby of this (running) cluster, on a port of its own, stopped and
+    /// removed on Drop like a dedicated cluster. Promote it with `SELECT pg_promote()`.
+    pub fn start_standby(&self) -> PgCluster {
+        let keep = keep_dirs();
+        let tmp = tempfile::Builder::new()
+            .prefix("tidepool-pg-standby-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path().join("data");
+        let mut cmd = pgcluster();
+        cmd.arg("standby").arg(&self.dir).arg(&dir);
+        cmd.arg("--watch-pid").arg(std::process::id().to_string());
+        if !keep {
+            cmd.arg("--rm-on-exit");
+        }
+        let out = run(cmd).unwrap_or_else(|e| panic!("pgcluster standby: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let port = stdout
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse::<u16>().ok());
+        let port = match (out.status.success(), port) {
+            (true, Some(p)) => p,
+            _ => panic!(
+                "pgcluster standby failed ({}):\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        };
+        let _tmp = if keep {
+            let _ = tmp.keep();
+            None
+        } else {
+            Some(tmp)
+        };
+        PgCluster {
+            dir,
+            _tmp,
+            port,
+            dedicated: true,
+            keep,
+        }
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

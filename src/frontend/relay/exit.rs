@@ -9,8 +9,9 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 
-use super::{Ev, Session};
+use super::{timeouts, Ev, Session};
 use crate::config::PoolMode;
+use crate::metrics::TimeoutKind;
 use crate::protocol::{self, Severity};
 use crate::tls::ClientStream;
 
@@ -32,6 +33,9 @@ pub(super) enum Exit {
     Shutdown,
     /// Parameter sync failed on a new server.
     Sync(String, String),
+    /// `query_timeout` (its cancel unanswered), `idle_transaction_timeout` or
+    /// `client_idle_timeout`.
+    Timeout(TimeoutKind),
 }
 
 /// A session's view of the drain signals (see `Session::relay`).
@@ -42,7 +46,8 @@ pub(super) enum Exit {
 /// the flags say which signal it was.
 pub(super) struct DrainWatch<'a, 't> {
     pub(super) waiter: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'t>>,
-    pub(super) force_token: &'t tokio_util::sync::CancellationToken,
+    /// The tokens and flags of the drain.
+    pub(super) shutdown: &'t crate::shutdown::Shutdown,
     /// `waiter` waits on the force token.
     pub(super) waits_for_force: bool,
     /// The waker `waiter` was last polled with.
@@ -54,11 +59,8 @@ pub(super) struct DrainWatch<'a, 't> {
 impl<'t> DrainWatch<'_, 't> {
     /// A drain signal not yet handled, if any. Cheap enough for every relay step: two atomic
     /// loads, and a poll of the token future only when the task's waker changed.
-    pub(super) fn poll(
-        &mut self,
-        shutdown: &crate::shutdown::Shutdown,
-        cx: &mut Context<'_>,
-    ) -> Option<Ev> {
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Option<Ev> {
+        let shutdown = self.shutdown;
         if !self.force_seen && shutdown.is_forced() {
             return Some(Ev::Force);
         }
@@ -69,8 +71,8 @@ impl<'t> DrainWatch<'_, 't> {
             return None;
         }
         if self.boundary_seen && !self.waits_for_force {
-            let force_token: &'t tokio_util::sync::CancellationToken = self.force_token;
-            self.waiter.set(force_token.cancelled());
+            let shutdown: &'t crate::shutdown::Shutdown = self.shutdown;
+            self.waiter.set(shutdown.force_token_ref().cancelled());
             self.waits_for_force = true;
             self.registered = None;
         }
@@ -139,6 +141,14 @@ impl Session {
             }
             Exit::Shutdown => {
                 protocol::error_response(&mut out, Severity::Fatal, "57P01", ADMIN_SHUTDOWN)
+            }
+            Exit::Timeout(kind) => {
+                let (code, message) = match kind {
+                    TimeoutKind::query => ("57014", timeouts::QUERY_NOT_CANCELLED),
+                    TimeoutKind::idle_transaction => ("25P03", timeouts::IDLE_IN_TRANSACTION),
+                    TimeoutKind::client_idle => ("57P05", timeouts::IDLE_SESSION),
+                };
+                protocol::error_response(&mut out, Severity::Fatal, code, message)
             }
         }
         if matches!(exit, Exit::Protocol(_)) {

@@ -23,6 +23,8 @@ use crate::sql::{self, pin, Effects};
 
 /// `Session::iso` flag: transaction mode, every request is tracked with its reply.
 pub(super) const TRACK: u8 = 16;
+/// The pool has timeouts on: the session keeps its timer up to date (see `timeouts`).
+pub(super) const TIMED: u8 = 32;
 /// The client was told once that it is pinned (the log line).
 pub(super) const PIN_LOGGED: u8 = 1;
 /// A Parse was refused (`session_state = "reject"`): the batch is dropped up to its Sync.

@@ -22,6 +22,7 @@ mod buffers;
 mod exit;
 mod isolation;
 pub mod prepared;
+mod timeouts;
 pub mod tracking;
 
 use std::collections::VecDeque;
@@ -63,6 +64,8 @@ enum Ev {
     ForceDeadline,
     /// Nothing in flight any more: the session may go back to its idle wait.
     Idle,
+    /// The session's timer fired (see `timeouts`).
+    Timer(timeouts::Armed),
 }
 
 struct Session {
@@ -156,21 +159,34 @@ impl Session {
             client: login,
             server,
         } = login;
-        let max_msg = shared.runtime().config.listen.max_message_size;
+        let rt = shared.runtime();
+        let max_msg = rt.config.listen.max_message_size;
+        let timers =
+            timeouts::Timers::new(&login.pool.settings(), rt.config.drain.server_close_timeout);
+        drop(rt);
+        let mut extras = ClientExtras::default();
+        let mut flags = if login.mode == PoolMode::Transaction {
+            iso::TRACK
+        } else {
+            0
+        };
+        if let Some(t) = timers {
+            extras.set_timers(t);
+            flags |= iso::TIMED;
+        }
         let gauge = if server.is_some() {
             ClientState::active
         } else {
             ClientState::idle
         };
         gauge_of(&shared.metrics.client_gauges, gauge).inc();
-        let track = login.mode == PoolMode::Transaction;
         Session {
             gauge,
             pending: VecDeque::new(),
-            extras: ClientExtras::default(),
+            extras,
             c_need: 0,
             pins: 0,
-            iso: if track { iso::TRACK } else { 0 },
+            iso: flags,
             shared,
             server,
             login,
@@ -223,13 +239,13 @@ impl Session {
         // waker changes); every relay step tests the shutdown flags instead, an atomic load
         // each. Polling the future on every step would lock the token's mutex, which all
         // sessions share. The flags are set before the tokens are cancelled, so the wake-up
-        // a cancellation sends finds them set.
-        let boundary_token = self.shared.shutdown.boundary_token();
-        let force_token = self.shared.shutdown.force_token();
-        let waiter = std::pin::pin!(boundary_token.cancelled());
+        // a cancellation sends finds them set. (One handle on the shared state keeps the
+        // tokens alive for the waiter: smaller than a clone of each token.)
+        let shared = self.shared.clone();
+        let waiter = std::pin::pin!(shared.shutdown.boundary_token_ref().cancelled());
         let mut drain = DrainWatch {
             waiter,
-            force_token: &force_token,
+            shutdown: &shared.shutdown,
             waits_for_force: false,
             registered: None,
             boundary_seen: false,
@@ -237,10 +253,18 @@ impl Session {
         };
         loop {
             if self.is_idle() {
-                let shutdown = &self.shared.shutdown;
+                if self.iso & iso::TIMED != 0 {
+                    self.update_timer();
+                }
+                let mut timers = self.extras.timers_mut();
                 let ev = std::future::poll_fn(|cx| {
-                    if let Some(ev) = drain.poll(shutdown, cx) {
+                    if let Some(ev) = drain.poll(cx) {
                         return Poll::Ready(Err(ev));
+                    }
+                    if let Some(t) = timers.as_mut() {
+                        if let Poll::Ready(fired) = t.poll_fired(cx) {
+                            return Poll::Ready(Err(Ev::Timer(fired)));
+                        }
                     }
                     client.poll_read_ready(cx).map(Ok)
                 })
@@ -248,6 +272,12 @@ impl Session {
                 match ev {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return Exit::ClientGone,
+                    Err(Ev::Timer(fired)) => {
+                        if let Some(kind) = self.timer_fired(fired) {
+                            return Exit::Timeout(kind);
+                        }
+                        continue;
+                    }
                     // An idle client is at a transaction boundary: any drain closes it now.
                     Err(_) => return Exit::Shutdown,
                 }
@@ -346,6 +376,9 @@ impl Session {
                 }
             }
 
+            if self.iso & iso::TIMED != 0 {
+                self.update_timer();
+            }
             let ev = {
                 let c_ready = self.c_ready;
                 let s_ready = self.s_ready;
@@ -366,14 +399,23 @@ impl Session {
                     spare::make_room(sbuf);
                 }
                 let client = &mut *client;
+                let mut timers = if self.iso & iso::TIMED != 0 {
+                    self.extras.timers_mut()
+                } else {
+                    None
+                };
                 // One step per direction, polled together: write what is framed, else read.
                 // Polling by hand (rather than splitting the streams) works for TLS streams
                 // as well as plain TCP and costs nothing per iteration.
-                let shutdown = &self.shared.shutdown;
                 let drain = &mut *drain;
                 let io = std::future::poll_fn(|cx| {
-                    if let Some(ev) = drain.poll(shutdown, cx) {
+                    if let Some(ev) = drain.poll(cx) {
                         return Poll::Ready(ev);
+                    }
+                    if let Some(t) = timers.as_mut() {
+                        if let Poll::Ready(fired) = t.poll_fired(cx) {
+                            return Poll::Ready(Ev::Timer(fired));
+                        }
                     }
                     if c_ready > 0 {
                         if let Some(sw) = server.as_mut() {
@@ -487,6 +529,11 @@ impl Session {
                 }
                 Ev::ForceDeadline => return Some(Exit::Shutdown),
                 Ev::Idle => {}
+                Ev::Timer(fired) => {
+                    if let Some(kind) = self.timer_fired(fired) {
+                        return Some(Exit::Timeout(kind));
+                    }
+                }
             }
         }
     }
@@ -579,7 +626,7 @@ impl Session {
         if self.login.mode == PoolMode::Session {
             server.set_reset_on_return(true);
         }
-        self.login.shared.hold(server.addr, server.key);
+        self.login.shared.hold(server.addr.clone(), server.key);
         self.server = Some(server);
     }
 

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 
 use super::buffers::splice;
+use super::timeouts::Timers;
 use super::tracking::{Action, Kind, Pending};
 use super::Session;
 use crate::backend::statements::Stmt;
@@ -40,6 +41,8 @@ pub(super) struct ClientExtras(Option<Box<Extras>>);
 pub(super) struct Extras {
     names: HashMap<Vec<u8>, Arc<Stmt>>,
     custom: Vec<String>,
+    /// The session's timeouts, when its pool has any on (see `timeouts`).
+    timers: Option<Timers>,
 }
 
 impl ClientExtras {
@@ -60,9 +63,17 @@ impl ClientExtras {
     /// Forget every statement name (`DISCARD ALL`, `DEALLOCATE ALL`).
     pub(super) fn clear(&mut self) {
         match self.0.as_mut() {
-            Some(e) if !e.custom.is_empty() => e.names.clear(),
+            Some(e) if !e.custom.is_empty() || e.timers.is_some() => e.names.clear(),
             _ => self.0 = None,
         }
+    }
+
+    pub(super) fn set_timers(&mut self, timers: Timers) {
+        self.0.get_or_insert_default().timers = Some(timers);
+    }
+
+    pub(super) fn timers_mut(&mut self) -> Option<&mut Timers> {
+        self.0.as_mut()?.timers.as_mut()
     }
 
     /// The custom setting names to read back after this transaction.

@@ -270,8 +270,15 @@ impl Session {
                     st.copy_out = false;
                     // Remember whether the server said goodbye itself (FATAL/PANIC), so a
                     // following disconnect needs no FATAL of ours.
-                    self.s_last_fatal = avail >= h.total
-                        && error_is_fatal(&self.sbuf[self.s_ready + 5..self.s_ready + h.total]);
+                    let whole = avail >= h.total;
+                    let body = &self.sbuf[self.s_ready + 5..self.s_ready + h.total.min(avail)];
+                    self.s_last_fatal = whole && error_is_fatal(body);
+                    // A write refused by a read-only server: after a failover (DESIGN.md
+                    // section 9) the pool moves to the writable host.
+                    if whole && body.windows(7).any(|w| w == b"C25006\0") {
+                        let id = server.id;
+                        self.login.pool.server_read_only(id);
+                    }
                 }
                 _ => {}
             }

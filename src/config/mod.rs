@@ -4,6 +4,7 @@
 //! Errors name the file, the key and what is wrong, because the process exits 64 on them and an
 //! operator must be able to fix the file from the message alone.
 
+mod database;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use self::database::{DatabaseConfig, Ports, TargetSessionAttrs};
 
 /// A configuration error, already worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,32 @@ pub struct ListenConfig {
     pub max_message_size: usize,
     /// TLS towards clients.
     pub tls: Option<ListenTls>,
+    /// Also listen on the Unix socket `DIR/.s.PGSQL.<port of addr>` (libpq's naming); empty:
+    /// no Unix socket.
+    pub unix_socket_dir: String,
+    /// Permissions of that socket file, in octal.
+    pub unix_socket_mode: String,
+}
+
+impl ListenConfig {
+    /// The Unix socket's path, for the TCP listener's `port`, if one is configured.
+    pub fn unix_socket_path(&self, port: u16) -> Option<PathBuf> {
+        (!self.unix_socket_dir.is_empty())
+            .then(|| Path::new(&self.unix_socket_dir).join(format!(".s.PGSQL.{port}")))
+    }
+
+    /// `unix_socket_mode` as permission bits.
+    pub fn unix_socket_mode_bits(&self) -> Result<u32, String> {
+        u32::from_str_radix(self.unix_socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                format!(
+                    "\"{}\" is not a file mode: octal digits expected, e.g. \"0770\"",
+                    self.unix_socket_mode
+                )
+            })
+    }
 }
 
 /// `listen.tls`: certificate, key and how clients must use them.
@@ -63,6 +92,8 @@ impl Default for ListenConfig {
             login_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024 * 1024,
             tls: None,
+            unix_socket_dir: String::new(),
+            unix_socket_mode: "0770".to_string(),
         }
     }
 }
@@ -184,6 +215,21 @@ pub struct PoolDefaults {
     /// Transaction mode: state that cannot follow a client to another server (DESIGN.md
     /// section 8) pins the client to its server, or is refused.
     pub session_state: SessionStatePolicy,
+    /// A client idle inside a transaction longer is ended (0 = off; DESIGN.md section 9).
+    #[serde(with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    /// A request running longer is cancelled (0 = off).
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// A client idle outside a transaction longer is ended (0 = off).
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// An idle server connection unused longer is checked with a round trip before it is lent.
+    #[serde(with = "humantime_serde")]
+    pub server_check_delay: Duration,
+    /// After a failed connect, wait this long before the next try.
+    #[serde(with = "humantime_serde")]
+    pub server_login_retry: Duration,
 }
 
 /// `pool.session_state`: what transaction mode does with a temporary table, SQL `PREPARE`,
@@ -212,62 +258,13 @@ impl Default for PoolDefaults {
             max_waiting: 10_000,
             max_prepared_statements: 200,
             session_state: SessionStatePolicy::Pin,
+            idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
+            server_check_delay: Duration::from_secs(30),
+            server_login_retry: Duration::from_secs(2),
         }
     }
-}
-
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatabaseConfig {
-    #[serde(default = "default_host")]
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// Server-side database name; default: the table's key (for `"*"`: the client's).
-    pub dbname: Option<String>,
-    /// Server-side user; default: the client's own.
-    pub user: Option<String>,
-    #[serde(skip_serializing)]
-    pub password: Option<String>,
-    pub size: Option<usize>,
-    pub mode: Option<PoolMode>,
-    pub min_idle: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    pub checkout_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub server_lifetime: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub server_idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
-    pub reset_query: Option<String>,
-    pub session_state: Option<SessionStatePolicy>,
-    /// TLS towards this server: disable | prefer | require | verify-ca | verify-full.
-    #[serde(default)]
-    pub sslmode: crate::tls::SslMode,
-    /// CA certificates (PEM) for verify-ca and verify-full.
-    pub sslrootcert: Option<PathBuf>,
-}
-
-impl fmt::Debug for DatabaseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("dbname", &self.dbname)
-            .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("size", &self.size)
-            .field("mode", &self.mode)
-            .finish_non_exhaustive()
-    }
-}
-
-fn default_host() -> String {
-    "127.0.0.1".to_string()
-}
-fn default_port() -> u16 {
-    5432
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -330,6 +327,23 @@ pub struct PoolSettings {
     pub max_waiting: usize,
     pub max_prepared_statements: usize,
     pub session_state: SessionStatePolicy,
+    /// Zero: off.
+    pub idle_transaction_timeout: Duration,
+    /// Zero: off.
+    pub query_timeout: Duration,
+    /// Zero: off.
+    pub client_idle_timeout: Duration,
+    pub server_check_delay: Duration,
+    pub server_login_retry: Duration,
+}
+
+impl PoolSettings {
+    /// Any of the client-side timeouts is on.
+    pub fn has_timeouts(&self) -> bool {
+        !(self.idle_transaction_timeout.is_zero()
+            && self.query_timeout.is_zero()
+            && self.client_idle_timeout.is_zero())
+    }
 }
 
 impl Config {
@@ -412,7 +426,7 @@ impl Config {
             db.clone(),
             DatabaseConfig {
                 host,
-                port,
+                port: Ports(vec![port]),
                 dbname: Some(db),
                 user: Some(user),
                 password: Some(password),
@@ -425,6 +439,12 @@ impl Config {
                 connect_timeout: None,
                 reset_query: None,
                 session_state: None,
+                idle_transaction_timeout: None,
+                query_timeout: None,
+                client_idle_timeout: None,
+                server_check_delay: None,
+                server_login_retry: None,
+                target_session_attrs: TargetSessionAttrs::Any,
                 sslmode: Default::default(),
                 sslrootcert: None,
             },
@@ -443,6 +463,9 @@ impl Config {
         }
         if self.pool.max_prepared_statements == 0 {
             return err("pool.max_prepared_statements", "must be at least 1");
+        }
+        if let Err(e) = self.listen.unix_socket_mode_bits() {
+            return err("listen.unix_socket_mode", &e);
         }
         if self.listen.max_message_size < 1024 {
             return err("listen.max_message_size", "must be at least 1024 bytes");
@@ -475,6 +498,9 @@ impl Config {
             );
         }
         for (name, d) in &self.databases {
+            if let Err(e) = d.hosts() {
+                return err(&format!("databases.{name}.port"), &e);
+            }
             if matches!(
                 d.sslmode,
                 crate::tls::SslMode::VerifyCa | crate::tls::SslMode::VerifyFull
@@ -515,6 +541,9 @@ impl Config {
     pub fn pool_settings(&self, name: &str) -> PoolSettings {
         let p = &self.pool;
         let d = self.databases.get(name);
+        let pick = |f: fn(&DatabaseConfig) -> Option<Duration>, default: Duration| {
+            d.and_then(f).unwrap_or(default)
+        };
         PoolSettings {
             mode: d.and_then(|d| d.mode).unwrap_or(p.mode),
             size: d.and_then(|d| d.size).unwrap_or(p.size),
@@ -537,6 +566,14 @@ impl Config {
             max_waiting: p.max_waiting,
             max_prepared_statements: p.max_prepared_statements,
             session_state: d.and_then(|d| d.session_state).unwrap_or(p.session_state),
+            idle_transaction_timeout: pick(
+                |d| d.idle_transaction_timeout,
+                p.idle_transaction_timeout,
+            ),
+            query_timeout: pick(|d| d.query_timeout, p.query_timeout),
+            client_idle_timeout: pick(|d| d.client_idle_timeout, p.client_idle_timeout),
+            server_check_delay: pick(|d| d.server_check_delay, p.server_check_delay),
+            server_login_retry: pick(|d| d.server_login_retry, p.server_login_retry),
         }
     }
 
@@ -657,7 +694,7 @@ port = 5433
         assert_eq!(s.mode, PoolMode::Transaction);
         assert_eq!(s.size, 20);
         assert_eq!(s.reset_query, "DISCARD ALL");
-        assert_eq!(c.databases["app"].port, 5433);
+        assert_eq!(c.databases["app"].port, Ports(vec![5433]));
     }
 
     #[test]
@@ -729,7 +766,7 @@ host = "127.0.0.1"
         assert_eq!(c.auth.users[0].password, "p@ss");
         assert_eq!(c.auth.method, AuthMethod::ScramSha256);
         let d = &c.databases["appdb"];
-        assert_eq!(d.port, 5433);
+        assert_eq!(d.port, Ports(vec![5433]));
         assert_eq!(d.password.as_deref(), Some("p@ss"));
         assert!(Config::from_upstream("mysql://a@b/c").is_err());
         assert!(Config::from_upstream("postgres://127.0.0.1/db").is_err());
