@@ -4,9 +4,13 @@
     report.py RESULTS.tsv
 
 Sections: one per pgbench workload (per target: median TPS with min and max, mean latency,
-failed transactions, pooler CPU µs per transaction, ratios to PgBouncer and to direct), the
-idle-client memory table, the /metrics scrape cost, and the targets of the benchmark issue
-with met/missed. Standard library only.
+failed transactions, pooler CPU µs per transaction, ratios to PgBouncer and to direct, and
+to the baseline / to tidepool when the run had the `baseline` (TP_BASELINE) or `tp_timeouts`
+(TP_TIMEOUTS=1) targets), then, with those targets, a table of tidepool ÷ baseline and
+tp_timeouts ÷ tidepool per workload; the idle-client memory table, the /metrics scrape cost,
+and the targets of the benchmark issue with met/missed. Targets other than direct, pgbouncer
+and tidepool are shown after those three, in the order they first appear in the TSV.
+Standard library only.
 """
 
 import csv
@@ -14,14 +18,23 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "pgbouncer", "tidepool"]
-LABEL = {"direct": "direct Postgres", "pgbouncer": "PgBouncer", "tidepool": "tidepool"}
+TARGETS = ["direct", "pgbouncer", "tidepool"]  # always first, in this order
+LABEL = {
+    "direct": "direct Postgres",
+    "pgbouncer": "PgBouncer",
+    "tidepool": "tidepool",
+    "baseline": "tidepool baseline (TP_BASELINE)",
+    "tp_timeouts": "tidepool, 3 timeouts on",
+}
 WORKLOADS = {
     "S16": "-S -c 16",
     "S200": "-S -c 200",
     "TPCB16": "TPC-B (default script) -c 16",
     "CS16": "-C -S -c 16 (new connection per transaction)",
+    "SL16": "-f set_local.sql -c 16 (BEGIN; SET LOCAL statement_timeout; SELECT; END)",
 }
+# (numerator, denominator) of the extra ratio columns, shown when the run has the target.
+PAIRS = [("tidepool", "baseline"), ("tp_timeouts", "tidepool")]
 
 
 def num(x):
@@ -52,10 +65,27 @@ def fr(x):
     return "n/a" if x is None else f"{x:.2f}×"
 
 
+def paired_ratio(num_rows, den_rows, key):
+    """Per-round ratios num/den of column key (rounds run back to back): 'median (min … max)'."""
+    den = {r["round"]: num(r[key]) for r in den_rows}
+    rs = [ratio(num(r[key]), den.get(r["round"])) for r in num_rows]
+    rs = [x for x in rs if x is not None]
+    if not rs:
+        return "n/a"
+    return f"{fr(statistics.median(rs))} ({fr(min(rs))} … {fr(max(rs))})"
+
+
 def main():
     rows = list(csv.DictReader(open(sys.argv[1], newline=""), delimiter="\t"))
     bench = defaultdict(list)  # (workload, mode, target) -> rows
     order = []
+    targets = list(TARGETS)  # direct, pgbouncer, tidepool, then any other in TSV order
+    for r in rows:
+        if r["kind"] in ("pgbench", "memory") and r["target"] not in targets:
+            targets.append(r["target"])
+    present = {r["target"] for r in rows if r["kind"] == "pgbench"}
+    # Extra ratio columns: "÷ baseline" with a baseline, "÷ tidepool" with tp_timeouts.
+    extra = [den for n, den in PAIRS if n in present and den in present]
     for r in rows:
         if r["kind"] != "pgbench":
             continue
@@ -68,10 +98,11 @@ def main():
     out = []
     for workload, mode in order:
         out.append(f"### `pgbench {WORKLOADS.get(workload, workload)} -M {mode}`\n")
-        out.append("| target | runs | TPS median | TPS min | TPS max | latency avg (ms) | failed | pooler CPU µs/txn | TPS ÷ PgBouncer | TPS ÷ direct | CPU ÷ PgBouncer |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("| target | runs | TPS median | TPS min | TPS max | latency avg (ms) | failed | pooler CPU µs/txn | TPS ÷ PgBouncer | TPS ÷ direct | CPU ÷ PgBouncer |"
+                   + "".join(f" TPS ÷ {d} | CPU ÷ {d} |" for d in extra))
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra))
         stats = {}
-        for t in TARGETS:
+        for t in targets:
             rs = bench.get((workload, mode, t), [])
             if not rs:
                 continue
@@ -93,12 +124,36 @@ def main():
         for t, s in stats.items():
             pb, d = stats.get("pgbouncer"), stats.get("direct")
             failed = str(s["failed"]) + (f" ({s['bad_rc']} runs rc≠0)" if s["bad_rc"] else "")
+            cells = ""
+            for den in extra:
+                e = stats.get(den)
+                cells += (f" {fr(ratio(s['tps'], e['tps'])) if e else 'n/a'} |"
+                          f" {'—' if t == 'direct' else fr(ratio(s['cpu'], e['cpu'])) if e else 'n/a'} |")
             out.append(
-                f"| {LABEL[t]} | {s['runs']} | {f(s['tps'])} | {f(s['min'])} | {f(s['max'])} | {f(s['lat'], 3)} | {failed} | "
+                f"| {LABEL.get(t, t)} | {s['runs']} | {f(s['tps'])} | {f(s['min'])} | {f(s['max'])} | {f(s['lat'], 3)} | {failed} | "
                 f"{f(s['cpu'], 1) if t != 'direct' else '—'} | "
                 f"{fr(ratio(s['tps'], pb['tps'])) if pb else 'n/a'} | {fr(ratio(s['tps'], d['tps'])) if d else 'n/a'} | "
-                f"{fr(ratio(s['cpu'], pb['cpu'])) if pb and t != 'direct' else '—'} |"
+                f"{fr(ratio(s['cpu'], pb['cpu'])) if pb and t != 'direct' else '—'} |" + cells
             )
+        out.append("")
+
+    # This build against the baseline, and the cost of the timeouts.
+    pairs = [(n, den) for n, den in PAIRS if n in present and den in present]
+    if pairs:
+        out.append("### " + "; ".join(f"{n} ÷ {den}" for n, den in pairs) + "\n")
+        out.append("Ratios of the medians, and the median (min … max) of the per-round ratios "
+                   "(the targets of one round run back to back).\n")
+        out.append("| workload | mode | ratio | TPS (medians) | TPS per round | CPU µs/txn (medians) | CPU µs/txn per round |")
+        out.append("|---|---|---|---:|---:|---:|---:|")
+        for workload, mode in order:
+            for n, den in pairs:
+                a, b = summary.get((workload, mode, n)), summary.get((workload, mode, den))
+                if not a or not b:
+                    continue
+                na, nb = bench[(workload, mode, n)], bench[(workload, mode, den)]
+                out.append(f"| {workload} | {mode} | {n} ÷ {den} | {fr(ratio(a['tps'], b['tps']))} | "
+                           f"{paired_ratio(na, nb, 'tps')} | {fr(ratio(a['cpu'], b['cpu']))} | "
+                           f"{paired_ratio(na, nb, 'cpu_us_per_txn')} |")
         out.append("")
 
     # Memory.
@@ -112,11 +167,11 @@ def main():
         out.append("### Memory: RSS with idle logged-in clients\n")
         out.append("| target | RSS, 0 clients (KiB) | " + " | ".join(f"RSS, {c:,} (KiB) | KiB/client @ {c:,}" for c in counts) + " |")
         out.append("|---|---:|" + "---:|---:|" * len(counts))
-        for t in ("pgbouncer", "tidepool"):
+        for t in targets:
             if t not in mem:
                 continue
             base = num(mem[t].get(0, {}).get("rss_kib"))
-            cells = [LABEL[t], f(base)]
+            cells = [LABEL.get(t, t), f(base)]
             for c in counts:
                 r = mem[t].get(c)
                 rss = num(r["rss_kib"]) if r else None
