@@ -196,6 +196,11 @@ impl AtomicHistogram {
     pub fn count(&self) -> u64 {
         self.inner.count.load(Ordering::Relaxed)
     }
+
+    /// Sum of the observations, in microseconds (the console's STATS times).
+    pub fn sum_micros(&self) -> u64 {
+        self.inner.sum_ns.load(Ordering::Relaxed) / 1000
+    }
 }
 
 impl TypedMetric for AtomicHistogram {
@@ -257,6 +262,7 @@ pub struct Metrics {
     pub parses: Family<PoolParseLabel, Counter>,
     pub pinned: Family<PoolLabel, Gauge>,
     pub session_state: Family<SessionStateLabel, Counter>,
+    pub paused: Family<PoolLabel, Gauge>,
     pub draining: Gauge,
     pub client_gauges: ClientGauges,
 }
@@ -392,6 +398,12 @@ impl Metrics {
             "Transaction mode: session state handled, by kind and action (carried, cleaned, pinned, rejected)",
             session_state.clone(),
         );
+        let paused = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "tidepool_paused",
+            "1 while the pool is paused by the console's PAUSE (or KILL): it lends no server until RESUME",
+            paused.clone(),
+        );
         let draining = Gauge::default();
         registry.register(
             "tidepool_draining",
@@ -445,6 +457,7 @@ impl Metrics {
             parses,
             pinned,
             session_state,
+            paused,
             draining,
             client_gauges,
         }
@@ -511,6 +524,7 @@ impl Metrics {
                 },
             ),
             pinned: handle(&self.pinned, &l),
+            paused: handle(&self.paused, &l),
             session_state: SessionStateCounters {
                 pool: l.pool.clone(),
                 family: self.session_state.clone(),
@@ -641,6 +655,8 @@ pub struct PoolMetrics {
     pub parses_forwarded: Counter,
     pub parses_avoided: Counter,
     pub pinned: Gauge,
+    /// 1 while the console keeps the pool paused.
+    pub paused: Gauge,
     pub session_state: SessionStateCounters,
 }
 
