@@ -52,14 +52,16 @@ pub(super) struct DrainWatch<'a, 't> {
 }
 
 impl<'t> DrainWatch<'_, 't> {
-    /// A drain signal not yet handled, if any. Cheap enough for every relay step: two atomic
-    /// loads, and a poll of the token future only when the task's waker changed.
+    /// A drain signal not yet handled, if any. Cheap enough for every relay step: three
+    /// atomic loads, and a poll of the token future only when the task's waker changed.
+    /// The console's KILL of this client (`me`) counts as a forced close.
     pub(super) fn poll(
         &mut self,
         shutdown: &crate::shutdown::Shutdown,
+        me: &crate::cancel::ClientShared,
         cx: &mut Context<'_>,
     ) -> Option<Ev> {
-        if !self.force_seen && shutdown.is_forced() {
+        if !self.force_seen && (shutdown.is_forced() || me.is_killed()) {
             return Some(Ev::Force);
         }
         if !self.boundary_seen && shutdown.is_boundary() {
@@ -79,6 +81,12 @@ impl<'t> DrainWatch<'_, 't> {
             .as_ref()
             .is_some_and(|w| w.will_wake(cx.waker()))
         {
+            // A kill wakes the waker stored here; one that came before the store is seen now
+            // (the kill sets its flag before it takes the waker, under the same lock).
+            me.set_waker(cx.waker());
+            if me.is_killed() {
+                return Some(Ev::Force);
+            }
             // Ready here means cancelled, and the flags, set before the cancel, say which.
             if self.waiter.as_mut().poll(cx).is_ready() {
                 if shutdown.is_forced() {

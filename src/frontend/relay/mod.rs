@@ -237,9 +237,11 @@ impl Session {
         };
         loop {
             if self.is_idle() {
-                let shutdown = &self.shared.shutdown;
+                // One reference to the session, not one per field: this future's state is
+                // part of every idle client's task.
+                let this = &*self;
                 let ev = std::future::poll_fn(|cx| {
-                    if let Some(ev) = drain.poll(shutdown, cx) {
+                    if let Some(ev) = drain.poll(&this.shared.shutdown, &this.login.shared, cx) {
                         return Poll::Ready(Err(ev));
                     }
                     client.poll_read_ready(cx).map(Ok)
@@ -370,9 +372,10 @@ impl Session {
                 // Polling by hand (rather than splitting the streams) works for TLS streams
                 // as well as plain TCP and costs nothing per iteration.
                 let shutdown = &self.shared.shutdown;
+                let me = &*self.login.shared;
                 let drain = &mut *drain;
                 let io = std::future::poll_fn(|cx| {
-                    if let Some(ev) = drain.poll(shutdown, cx) {
+                    if let Some(ev) = drain.poll(shutdown, me, cx) {
                         return Poll::Ready(ev);
                     }
                     if c_ready > 0 {
@@ -510,6 +513,9 @@ impl Session {
             self.s_ready = 0;
         }
         self.set_gauge(ClientState::waiting);
+        // The console's SHOW CLIENTS and SHOW POOLS (maxwait) see the wait; KILL ends it.
+        let me = &*self.login.shared;
+        me.set_waiting(Some(self.shared.started.elapsed()));
         let result = {
             let checkout = self.login.pool.checkout();
             tokio::pin!(checkout);
@@ -518,6 +524,7 @@ impl Session {
                 spare::make_room(&mut self.cbuf);
                 tokio::select! {
                     r = &mut checkout => break Ok(r),
+                    _ = me.killed() => break Err(Exit::Shutdown),
                     r = client.read_buf(&mut self.cbuf), if room => match r {
                         Ok(0) | Err(_) => break Err(Exit::ClientGone),
                         Ok(n) => {
@@ -527,6 +534,7 @@ impl Session {
                 }
             }
         };
+        me.set_waiting(None);
         let mut server = match result {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
