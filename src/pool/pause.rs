@@ -199,3 +199,117 @@ impl PauseSet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::backend::ServerTarget;
+    use crate::config::{Config, PoolMode};
+    use crate::metrics::PoolMetrics;
+    use crate::pool::Closer;
+
+    /// A pool that never needs to connect (nothing here checks a server out).
+    fn pool(size: usize, tracker: &TaskTracker, stop: &CancellationToken) -> Pool {
+        let mut settings = Config::default().pool_settings("x");
+        settings.size = size;
+        settings.mode = PoolMode::Transaction;
+        Pool::new(
+            "x/x",
+            target(),
+            settings,
+            PoolMetrics::detached(),
+            Closer::start(tracker, stop.clone()),
+            tracker.clone(),
+            Duration::from_secs(1),
+        )
+    }
+
+    fn target() -> ServerTarget {
+        ServerTarget {
+            host: "127.0.0.1".into(),
+            port: 9,
+            dbname: "x".into(),
+            user: "x".into(),
+            password: None,
+            sslmode: crate::tls::SslMode::Disable,
+            tls: None,
+            tls_id: String::new(),
+        }
+    }
+
+    async fn phase_becomes(rx: &mut watch::Receiver<PausePhase>, want: PausePhase) {
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|p| *p == want))
+            .await
+            .expect("phase in time")
+            .expect("sender alive");
+    }
+
+    #[tokio::test]
+    async fn pause_holds_every_slot_and_reload_growth_waits_for_resume() {
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let drain = CancellationToken::new();
+        let p = pool(2, &tracker, &stop);
+        // A slot in use: the pause waits for it.
+        let held = p.inner.sem.clone().try_acquire_owned().unwrap();
+        let mut rx = p.pause(&drain);
+        assert_eq!(*rx.borrow(), PausePhase::Pausing);
+        assert_eq!(p.inner.metrics.paused.get(), 1);
+        assert!(p.status().paused);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(p.pause_phase(), PausePhase::Pausing);
+        // Pausing already: a second PAUSE joins it.
+        let _again = p.pause(&drain);
+        drop(held);
+        phase_becomes(&mut rx, PausePhase::Paused).await;
+        assert_eq!(p.inner.sem.available_permits(), 0);
+        assert!(p.checkout_idle().is_none(), "a paused pool lends nothing");
+        // A reload that grows the pool while paused: the new slots wait for RESUME.
+        let mut bigger = p.settings().as_ref().clone();
+        bigger.size = 5;
+        p.reconfigure(target(), bigger);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(p.inner.sem.available_permits(), 0);
+        assert!(p.resume());
+        phase_becomes(&mut rx, PausePhase::Running).await;
+        let t0 = std::time::Instant::now();
+        while p.inner.sem.available_permits() != 5 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "slots not given back"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(p.inner.metrics.paused.get(), 0);
+        assert!(!p.resume(), "not paused any more");
+        // A drain ends a pause.
+        let mut rx = p.pause(&drain);
+        phase_becomes(&mut rx, PausePhase::Paused).await;
+        drain.cancel();
+        phase_becomes(&mut rx, PausePhase::Running).await;
+        assert_eq!(p.pause_phase(), PausePhase::Running);
+        stop.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("the pause task ends");
+    }
+
+    #[test]
+    fn pause_set_keeps_global_and_named_apart() {
+        let s = PauseSet::default();
+        assert!(!s.covers("a"));
+        assert!(!s.set("a", true));
+        assert!(s.set("a", true), "already paused by name");
+        assert!(s.covers("a") && !s.covers("b") && !s.all());
+        assert!(!s.set_all(true));
+        assert!(s.covers("b"));
+        assert!(s.set_all(false));
+        assert!(s.has("a") && s.set("a", false) && !s.covers("a"));
+    }
+}
