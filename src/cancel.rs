@@ -5,15 +5,22 @@
 //! to the pool hits the next borrower's query) is closed here by holding the server until every
 //! cancel in flight for it has been delivered: [`ClientShared::release`] waits for them, and a
 //! cancel is only sent while the client holds the server, under the same lock.
+//!
+//! The registry of keys is also the list of logged-in clients the console shows (SHOW
+//! CLIENTS) and ends (KILL, KILL_CLIENT): each entry carries the client's [`ClientInfo`], written
+//! once at login, and a kill flag its session checks with the drain flags.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::Waker;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
 use crate::backend::{send_cancel, BackendKey, ServerAddr};
+use crate::pool::Pool;
 
 #[derive(Default)]
 struct CancelState {
@@ -21,16 +28,51 @@ struct CancelState {
     server: Option<(ServerAddr, BackendKey)>,
     /// Cancels being delivered to that server.
     inflight: u32,
+    /// The session task's waker, so that a kill wakes a session waiting for its client.
+    waker: Option<Waker>,
 }
 
-/// Per-client state shared with cancel requests.
-#[derive(Default)]
+/// What the console shows of a client; written once at login.
+pub struct ClientInfo {
+    /// The console's client id (SHOW CLIENTS `id`, KILL_CLIENT's argument).
+    pub id: u64,
+    pub addr: SocketAddr,
+    /// The port it connected to (its address is `listen.addr`'s).
+    pub local_port: u16,
+    pub connected: SystemTime,
+    pub tls: bool,
+    /// The client's pool; `None` for a console session.
+    pub pool: Option<Pool>,
+    /// A console session's user and database (a pooled client's come from its pool).
+    pub console: Option<Box<(String, String)>>,
+    /// The startup parameters the client logged in with, shared with the other clients of
+    /// its pool that have the same ones (application_name is read from them).
+    pub params: Option<Arc<crate::backend::Params>>,
+}
+
+/// Per-client state shared with cancel requests and the console.
 pub struct ClientShared {
     state: Mutex<CancelState>,
     delivered: Notify,
+    /// Set by the console's KILL / KILL_CLIENT: the session ends as a forced one does.
+    killed: AtomicBool,
+    /// When the client began waiting for a server, in µs since the process started plus 1;
+    /// 0 while it is not waiting.
+    waiting_since: AtomicU64,
+    pub info: ClientInfo,
 }
 
 impl ClientShared {
+    pub fn new(info: ClientInfo) -> ClientShared {
+        ClientShared {
+            state: Mutex::default(),
+            delivered: Notify::new(),
+            killed: AtomicBool::new(false),
+            waiting_since: AtomicU64::new(0),
+            info,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -70,6 +112,63 @@ impl ClientShared {
         .await;
     }
 
+    /// The server the client holds now, if any: its address and real key.
+    pub fn held(&self) -> Option<(ServerAddr, BackendKey)> {
+        self.lock().server.clone()
+    }
+
+    /// The client starts (`Some(time since the process started)`) or stops waiting for a
+    /// server.
+    pub fn set_waiting(&self, since_start: Option<Duration>) {
+        let v = since_start.map_or(0, |d| d.as_micros() as u64 + 1);
+        self.waiting_since.store(v, Ordering::Relaxed);
+    }
+
+    /// How long the client has waited for a server, if it waits; `now` is the time since the
+    /// process started.
+    pub fn waited(&self, now: Duration) -> Option<Duration> {
+        match self.waiting_since.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(Duration::from_micros(
+                (now.as_micros() as u64).saturating_sub(v - 1),
+            )),
+        }
+    }
+
+    /// The console ends this client: its session closes as a forced one does (a query in
+    /// flight is cancelled first), with `57P01`.
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        let waker = self.lock().waker.clone();
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self.delivered.notify_waiters();
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Relaxed)
+    }
+
+    /// Remember the session task's waker for [`kill`](Self::kill) (only when it changed).
+    pub fn set_waker(&self, waker: &Waker) {
+        let mut s = self.lock();
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            s.waker = Some(waker.clone());
+        }
+    }
+
+    /// Resolves once the client is killed.
+    pub async fn killed(&self) {
+        loop {
+            let notified = self.delivered.notified();
+            if self.is_killed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Deliver a cancel for the client's current query, if it holds a server.
     pub async fn cancel(&self) {
         let target = {
@@ -95,6 +194,7 @@ impl ClientShared {
 pub struct CancelRegistry {
     map: Mutex<HashMap<(i32, i32), Arc<ClientShared>>>,
     next_pid: AtomicI32,
+    next_id: AtomicU64,
 }
 
 impl CancelRegistry {
@@ -103,7 +203,20 @@ impl CancelRegistry {
             map: Mutex::new(HashMap::new()),
             // Fake process ids for transaction mode; high enough not to look like a real pid.
             next_pid: AtomicI32::new(1 << 22),
+            next_id: AtomicU64::new(1),
         }
+    }
+
+    /// A new client id for [`ClientInfo::id`].
+    pub fn next_client_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Every registered client (the console's SHOW CLIENTS, KILL), oldest first.
+    pub fn clients(&self) -> Vec<Arc<ClientShared>> {
+        let mut v: Vec<Arc<ClientShared>> = self.lock().values().cloned().collect();
+        v.sort_by_key(|c| c.info.id);
+        v
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), Arc<ClientShared>>> {

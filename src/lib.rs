@@ -19,7 +19,8 @@
 //!    cached greeting; [`cancel`]: tidepool's cancel keys mapped to the server a client holds.
 //! 3. [`state`]: what every task shares: config snapshot, pools, metrics, phase; reload.
 //! 4. [`frontend`]: startup, login and the relay; [`admin`]: the HTTP endpoint (`/livez`,
-//!    `/readyz`, `/metrics`, `/status`).
+//!    `/readyz`, `/metrics`, `/status`); [`console`]: the PgBouncer-compatible admin console
+//!    (the virtual databases `pgbouncer` and `tidepool`), which `frontend` hands a login to.
 //! 5. [`server`]: the wiring: listeners, accept loop, upkeep, readiness, the drain sequence.
 //! 6. the binary, `main.rs`.
 
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod console;
 pub mod frontend;
 pub mod metrics;
 pub mod pool;

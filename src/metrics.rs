@@ -225,6 +225,11 @@ impl AtomicHistogram {
     pub fn count(&self) -> u64 {
         self.inner.count.load(Ordering::Relaxed)
     }
+
+    /// Sum of the observations, in microseconds (the console's STATS times).
+    pub fn sum_micros(&self) -> u64 {
+        self.inner.sum_ns.load(Ordering::Relaxed) / 1000
+    }
 }
 
 impl TypedMetric for AtomicHistogram {
@@ -288,6 +293,7 @@ pub struct Metrics {
     pub session_state: Family<SessionStateLabel, Counter>,
     pub timeouts: Family<PoolTimeoutLabel, Counter>,
     pub server_checks: Family<PoolCheckLabel, Counter>,
+    pub paused: Family<PoolLabel, Gauge>,
     pub draining: Gauge,
     pub client_gauges: ClientGauges,
 }
@@ -435,6 +441,12 @@ impl Metrics {
             "Idle server connections checked with a round trip before they were lent (server_check_delay)",
             server_checks.clone(),
         );
+        let paused = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "tidepool_paused",
+            "1 while the pool is paused by the console's PAUSE (or KILL): it lends no server until RESUME",
+            paused.clone(),
+        );
         let draining = Gauge::default();
         registry.register(
             "tidepool_draining",
@@ -490,6 +502,7 @@ impl Metrics {
             session_state,
             timeouts,
             server_checks,
+            paused,
             draining,
             client_gauges,
         }
@@ -579,6 +592,7 @@ impl Metrics {
                     },
                 )
             }),
+            paused: handle(&self.paused, &l),
             session_state: SessionStateCounters {
                 pool: l.pool.clone(),
                 family: self.session_state.clone(),
@@ -720,6 +734,8 @@ pub struct PoolMetrics {
     pub parses_forwarded: Counter,
     pub parses_avoided: Counter,
     pub pinned: Gauge,
+    /// 1 while the console keeps the pool paused.
+    pub paused: Gauge,
     pub session_state: SessionStateCounters,
     /// `tidepool_timeouts_total`, indexed by `TimeoutKind`.
     pub timeouts: [Counter; 3],

@@ -272,6 +272,65 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
     finish(buf, at);
 }
 
+/// Type OIDs of the result columns tidepool writes itself (the console).
+pub mod oid {
+    pub const INT8: u32 = 20;
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const NUMERIC: u32 = 1700;
+}
+
+/// RowDescription ('T'): each column's name and type OID, in text format.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32)]) {
+    let at = begin(buf, b'T');
+    buf.put_i16(columns.len() as i16);
+    for (name, oid) in columns {
+        put_cstr(buf, name);
+        buf.put_i32(0); // table OID
+        buf.put_i16(0); // column number
+        buf.put_u32(*oid);
+        let size: i16 = match *oid {
+            oid::INT8 | oid::TIMESTAMP => 8,
+            oid::INT4 => 4,
+            _ => -1,
+        };
+        buf.put_i16(size);
+        buf.put_i32(-1); // type modifier
+        buf.put_i16(0); // text format
+    }
+    finish(buf, at);
+}
+
+/// DataRow ('D'): each value as text, `None` for NULL.
+pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
+    let at = begin(buf, b'D');
+    buf.put_i16(values.len() as i16);
+    for v in values {
+        match v {
+            Some(v) => {
+                buf.put_i32(v.as_ref().len() as i32);
+                buf.put_slice(v.as_ref().as_bytes());
+            }
+            None => buf.put_i32(-1),
+        }
+    }
+    finish(buf, at);
+}
+
+/// CommandComplete ('C') with its tag (`SHOW`, `PAUSE`, ...).
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    let at = begin(buf, b'C');
+    put_cstr(buf, tag);
+    finish(buf, at);
+}
+
+/// EmptyQueryResponse ('I'): the answer to a query string with no statement in it.
+pub fn empty_query_response(buf: &mut BytesMut) {
+    buf.put_u8(b'I');
+    buf.put_i32(4);
+}
+
 /// Terminate ('X'): the 5 bytes that end a session politely.
 pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 

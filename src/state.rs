@@ -20,7 +20,7 @@ use crate::backend::ServerTarget;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::metrics::Metrics;
-use crate::pool::{Closer, Pool, PoolStatus};
+use crate::pool::{Closer, PauseSet, Pool, PoolStatus};
 use crate::shutdown::Shutdown;
 
 /// A configured user, with what each auth method needs precomputed.
@@ -120,6 +120,10 @@ pub struct Shared {
     test_panic: AtomicBool,
     /// `--listen` / `--admin-listen`: they win over the file on reload too.
     addr_overrides: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
+    /// The databases the console paused (a pool created meanwhile starts paused).
+    pub pauses: PauseSet,
+    /// The console's SHOW STATS averages window.
+    pub stats_window: Mutex<crate::pool::StatsWindow>,
 }
 
 impl Shared {
@@ -145,6 +149,8 @@ impl Shared {
             started: Instant::now(),
             test_panic: AtomicBool::new(false),
             addr_overrides: Mutex::new((None, None)),
+            pauses: PauseSet::default(),
+            stats_window: Mutex::new(crate::pool::StatsWindow::new(Instant::now())),
         }
     }
 
@@ -215,6 +221,9 @@ impl Shared {
             rt.config.drain.server_close_timeout,
         );
         tracing::info!(pool = %name, "pool created");
+        if self.pauses.covers(database) {
+            pool.pause(&self.shutdown.drain_token());
+        }
         pools.insert(key, pool.clone());
         Ok(pool)
     }
@@ -226,6 +235,8 @@ impl Shared {
         if st.idle == 0 && st.active == 0 && pool.baseline().is_none() {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools.retain(|_, p| !Arc::ptr_eq(&p.inner, &pool.inner));
+            // A forgotten pool's pause would outlive every RESUME.
+            pool.resume();
         }
     }
 
@@ -236,6 +247,19 @@ impl Shared {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Every pool with its database and user, sorted by them (the console).
+    pub fn pool_entries(&self) -> Vec<(String, String, Pool)> {
+        let mut v: Vec<(String, String, Pool)> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((d, u), p)| (d.clone(), u.clone(), p.clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
     }
 
     pub fn pool_statuses(&self) -> Vec<PoolStatus> {

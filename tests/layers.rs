@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["backend"],
     &["pool", "cancel"],
     &["state"],
-    &["frontend", "admin"],
+    &["frontend", "admin", "console"],
     &["server"],
     &["main"],
 ];

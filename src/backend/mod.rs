@@ -110,10 +110,33 @@ impl BackendError {
 
 /// Where a server connection goes, for its CancelRequests: a TCP address, or the path of a
 /// Unix-domain socket. Cloning is cheap (a copy, or a reference count).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ServerAddr {
     Tcp(SocketAddr),
     Unix(Arc<std::path::Path>),
+}
+
+impl ServerAddr {
+    /// The address as the console shows it: the IP, or `unix` (as PgBouncer shows a Unix
+    /// socket).
+    pub fn ip_text(&self) -> String {
+        match self {
+            ServerAddr::Tcp(a) => a.ip().to_string(),
+            ServerAddr::Unix(_) => "unix".to_string(),
+        }
+    }
+
+    /// The port: a TCP port, or the one in the socket file's name (`.s.PGSQL.PORT`).
+    pub fn port(&self) -> u16 {
+        match self {
+            ServerAddr::Tcp(a) => a.port(),
+            ServerAddr::Unix(p) => p
+                .extension()
+                .and_then(|e| e.to_str())
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(0),
+        }
+    }
 }
 
 /// libpq's rule: a host that starts with `/` is the directory of a server's Unix socket,

@@ -82,6 +82,18 @@ fn default_port() -> Ports {
 #[serde(into = "String")]
 pub struct Ports(pub Vec<u16>);
 
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
 impl From<Ports> for String {
     fn from(p: Ports) -> String {
         p.0.iter().map(u16::to_string).collect::<Vec<_>>().join(",")

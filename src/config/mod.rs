@@ -102,12 +102,18 @@ impl Default for ListenConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
+    /// Users who may run every command of the console (DESIGN.md section 10).
+    pub console_users: Vec<String>,
+    /// Users who may run the console's SHOW commands only.
+    pub stats_users: Vec<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             addr: "127.0.0.1:9930".parse().expect("literal address"),
+            console_users: Vec::new(),
+            stats_users: Vec::new(),
         }
     }
 }

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::auth::{md5_verify, ScramServer};
 use crate::backend::params::{self, ClientParams};
-use crate::cancel::ClientShared;
+use crate::cancel::{ClientInfo, ClientShared};
 use crate::config::{AuthMethod, PoolMode};
 use crate::metrics::RejectReason;
 use crate::pool::{CheckoutError, Pool};
@@ -99,7 +99,19 @@ async fn login(shared: &Arc<Shared>, sock: ClientStream) -> Option<(ClientStream
     )
     .await;
     let result = match hello {
-        Ok(Ok(Some(h))) => Box::pin(attach(shared, &rt, &mut sock, h)).await,
+        Ok(Ok(Some(h))) => match h.console {
+            // The admin console (DESIGN.md section 10): its own session, no pool.
+            Some(role) => {
+                let login = crate::console::ConsoleLogin {
+                    user: h.user,
+                    database: h.database,
+                    role,
+                };
+                Box::pin(crate::console::serve(shared.clone(), sock, login)).await;
+                return None;
+            }
+            None => Box::pin(attach(shared, &rt, &mut sock, h)).await,
+        },
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => Err(e),
         Err(_) => Err(LoginError::new(
@@ -177,6 +189,8 @@ struct Hello {
     database: String,
     desired: Vec<(String, String)>,
     client_password: Option<String>,
+    /// The client asked for the console's database and may use it.
+    console: Option<crate::console::Role>,
 }
 
 /// Startup packet(s) and authentication.
@@ -286,8 +300,9 @@ async fn handshake(
         .unwrap_or_else(|| user.clone());
     let desired = params::desired_settings(&params)
         .map_err(|m| LoginError::new("22023", m, RejectReason::protocol))?;
+    let console = crate::console::is_console_database(&database);
     // Unknown database: answer before authentication, as Postgres effectively does.
-    if rt.config.database_entry(&database).is_none() {
+    if !console && rt.config.database_entry(&database).is_none() {
         return Err(LoginError::new(
             "3D000",
             format!("database \"{database}\" does not exist"),
@@ -295,11 +310,26 @@ async fn handshake(
         ));
     }
     let client_password = authenticate(rt, sock, &user).await?;
+    let console = match console {
+        false => None,
+        // After authentication, as PgBouncer does: who may use the console is no secret
+        // to give away to a client that cannot log in.
+        true => Some(crate::console::role_of(&rt.config, &user).ok_or_else(|| {
+            LoginError::new(
+                "28000",
+                format!(
+                    "user \"{user}\" may not use the console (admin.console_users, admin.stats_users)"
+                ),
+                RejectReason::auth,
+            )
+        })?),
+    };
     Ok(Some(Hello {
         user,
         database,
         desired,
         client_password,
+        console,
     }))
 }
 
@@ -322,6 +352,7 @@ async fn attach(
         database,
         desired,
         client_password,
+        console: _,
     } = hello;
     let io_err = |_| {
         LoginError::new(
@@ -353,7 +384,7 @@ async fn attach(
     // The server's notices while it took the client's settings reach the client as they
     // would at a direct login (e.g. a too long application_name truncated).
     let mut notices = Vec::new();
-    let (client_params, status) = match server.as_mut() {
+    let (mut client_params, status) = match server.as_mut() {
         // The common transaction-mode login: usually the pool's cached greeting.
         None => pool.greeting(&baseline, desired),
         Some(server) => {
@@ -377,7 +408,25 @@ async fn attach(
         }
     };
 
-    let cshared = Arc::new(ClientShared::default());
+    // What the console shows of the client; its parameters are the pool's shared copy.
+    let mut login_params = None;
+    client_params.share_with(|p| {
+        login_params = Some(p.clone());
+        p
+    });
+    let cshared = Arc::new(ClientShared::new(ClientInfo {
+        id: shared.cancels.next_client_id(),
+        addr: peer_addr(sock),
+        local_port: sock
+            .tcp()
+            .and_then(|t| t.local_addr().ok())
+            .map_or(0, |a| a.port()),
+        connected: std::time::SystemTime::now(),
+        tls: sock.is_tls(),
+        pool: Some(pool.clone()),
+        console: None,
+        params: login_params,
+    }));
     let real_pid = match (&server, settings.mode) {
         (Some(s), PoolMode::Session) => Some(s.key.pid),
         _ => None,
@@ -417,6 +466,13 @@ async fn attach(
         },
         server,
     })
+}
+
+/// The client's address, as far as the socket tells.
+fn peer_addr(sock: &ClientStream) -> SocketAddr {
+    sock.tcp()
+        .and_then(|t| t.peer_addr().ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// The FATAL a client gets when no server could be had at login.

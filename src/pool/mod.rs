@@ -8,6 +8,9 @@
 
 mod closer;
 mod greeting;
+mod inspect;
+mod pause;
+mod stats;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +27,9 @@ use crate::metrics::{CheckOutcome, CloseReason, PoolMetrics};
 pub use self::closer::Closer;
 use self::closer::{CloseJob, CloseKind};
 pub use self::greeting::Greeting;
+pub use self::inspect::{ConnInfo, ServerRow, ServerRowState};
+pub use self::pause::{PausePhase, PauseSet};
+pub use self::stats::{PoolStats, StatsWindow};
 
 /// Why a checkout failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +78,11 @@ pub struct PoolInner {
     /// The latest transaction-mode login's greeting, reused by the next login with the same
     /// startup parameters (see [`Pool::greeting`]).
     greeting: Mutex<Option<Greeting>>,
-    conn_generation: Mutex<std::collections::HashMap<u64, u64>>,
+    /// Every open server connection by id: its generation and what the console shows of it
+    /// (registered at connect, removed at shutdown; never touched per transaction).
+    conn_generation: Mutex<std::collections::HashMap<u64, ConnInfo>>,
+    /// PAUSE / RESUME (see `pause.rs`).
+    pause: Mutex<pause::PauseCtl>,
     /// The last failed connect, if the last connect failed (`server_login_retry`).
     last_failure: Mutex<Option<ConnectFailure>>,
 }
@@ -126,6 +136,8 @@ pub struct PoolStatus {
     pub waiting: usize,
     /// Transaction mode: clients pinned to their server by session state.
     pub pinned: usize,
+    /// The console paused the pool (PAUSE or KILL): it lends no server until RESUME.
+    pub paused: bool,
 }
 
 impl Pool {
@@ -160,6 +172,7 @@ impl Pool {
                 greeting: Mutex::new(None),
                 conn_generation: Mutex::new(Default::default()),
                 last_failure: Mutex::new(None),
+                pause: Mutex::new(pause::PauseCtl::new()),
             }),
         }
     }
@@ -371,7 +384,7 @@ impl Pool {
                 connect_timeout,
             )
             .await;
-            let conn = match r {
+            let mut conn = match r {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(pool = %inner.name, error = %e, "server login failed");
@@ -380,7 +393,7 @@ impl Pool {
                 }
             };
             inner.metrics.opened.inc();
-            lock(&inner.conn_generation).insert(conn.id, generation);
+            inner.register_conn(&mut conn, generation);
             {
                 let mut b = lock(&inner.baseline);
                 if b.is_none() {
@@ -415,6 +428,7 @@ impl Pool {
             active,
             waiting: self.inner.waiting.load(Ordering::Relaxed),
             pinned: self.inner.metrics.pinned.get().max(0) as usize,
+            paused: self.pause_phase() != PausePhase::Running,
         }
     }
 
@@ -463,9 +477,9 @@ impl Pool {
             )
             .await
             {
-                Ok(conn) => {
+                Ok(mut conn) => {
                     inner.metrics.opened.inc();
-                    lock(&inner.conn_generation).insert(conn.id, generation);
+                    inner.register_conn(&mut conn, generation);
                     inner.return_clean(Box::new(conn), Some(permit));
                 }
                 Err(e) => {
@@ -489,8 +503,7 @@ impl Pool {
         let current = inner.generation.load(Ordering::Acquire);
         let of_conn = lock(&inner.conn_generation)
             .get(&conn_id)
-            .copied()
-            .unwrap_or(0);
+            .map_or(0, |c| c.generation);
         if of_conn != current {
             return;
         }
@@ -518,18 +531,14 @@ impl Pool {
             let mut t = inner.target.write().unwrap_or_else(|e| e.into_inner());
             if **t != target {
                 *t = Arc::new(target);
-                inner.generation.fetch_add(1, Ordering::AcqRel);
-                let idle: Vec<Conn> = lock(&inner.idle).drain(..).collect();
-                for c in idle {
-                    inner.metrics.idle.dec();
-                    inner.send_close(c, CloseReason::reload);
-                }
+                self.replace_servers(CloseReason::reload);
             }
         }
         *inner.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
         let old = inner.size.swap(new_size, Ordering::AcqRel);
         if new_size > old {
-            inner.sem.add_permits(new_size - old);
+            // While paused the new slots are the pause's to give out, at RESUME.
+            inner.add_slots(new_size - old);
         } else if new_size < old {
             // Take the surplus permits as they become free, then forget them.
             let sem = inner.sem.clone();
@@ -539,6 +548,19 @@ impl Pool {
                     p.forget();
                 }
             });
+        }
+    }
+
+    /// Replace every server connection: idle ones are shut down now (counted as `reason`), the
+    /// others as they come back (their generation is old). What a target change on reload
+    /// does, and the console's RECONNECT and KILL.
+    pub fn replace_servers(&self, reason: CloseReason) {
+        let inner = &self.inner;
+        inner.generation.fetch_add(1, Ordering::AcqRel);
+        let idle: Vec<Conn> = lock(&inner.idle).drain(..).collect();
+        for c in idle {
+            inner.metrics.idle.dec();
+            inner.send_close(c, reason);
         }
     }
 
@@ -631,8 +653,7 @@ impl PoolInner {
         current != 0
             && lock(&self.conn_generation)
                 .get(&conn.id)
-                .copied()
-                .unwrap_or(0)
+                .map_or(0, |c| c.generation)
                 != current
     }
 

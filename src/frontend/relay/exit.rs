@@ -48,6 +48,8 @@ pub(super) struct DrainWatch<'a, 't> {
     pub(super) waiter: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'t>>,
     /// The tokens and flags of the drain.
     pub(super) shutdown: &'t crate::shutdown::Shutdown,
+    /// This client's shared state: the console's KILL sets its flag and wakes the session.
+    pub(super) me: std::sync::Arc<crate::cancel::ClientShared>,
     /// `waiter` waits on the force token.
     pub(super) waits_for_force: bool,
     /// The waker `waiter` was last polled with.
@@ -57,11 +59,13 @@ pub(super) struct DrainWatch<'a, 't> {
 }
 
 impl<'t> DrainWatch<'_, 't> {
-    /// A drain signal not yet handled, if any. Cheap enough for every relay step: two atomic
-    /// loads, and a poll of the token future only when the task's waker changed.
+    /// A drain signal not yet handled, if any. Cheap enough for every relay step: three
+    /// atomic loads, and a poll of the token future only when the task's waker changed.
+    /// The console's KILL of this client (`me`) counts as a forced close.
     pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Option<Ev> {
         let shutdown = self.shutdown;
-        if !self.force_seen && shutdown.is_forced() {
+        let me = &*self.me;
+        if !self.force_seen && (shutdown.is_forced() || me.is_killed()) {
             return Some(Ev::Force);
         }
         if !self.boundary_seen && shutdown.is_boundary() {
@@ -81,6 +85,12 @@ impl<'t> DrainWatch<'_, 't> {
             .as_ref()
             .is_some_and(|w| w.will_wake(cx.waker()))
         {
+            // A kill wakes the waker stored here; one that came before the store is seen now
+            // (the kill sets its flag before it takes the waker, under the same lock).
+            me.set_waker(cx.waker());
+            if me.is_killed() {
+                return Some(Ev::Force);
+            }
             // Ready here means cancelled, and the flags, set before the cancel, say which.
             if self.waiter.as_mut().poll(cx).is_ready() {
                 if shutdown.is_forced() {

@@ -246,6 +246,7 @@ impl Session {
         let mut drain = DrainWatch {
             waiter,
             shutdown: &shared.shutdown,
+            me: self.login.shared.clone(),
             waits_for_force: false,
             registered: None,
             boundary_seen: false,
@@ -557,6 +558,9 @@ impl Session {
             self.s_ready = 0;
         }
         self.set_gauge(ClientState::waiting);
+        // The console's SHOW CLIENTS and SHOW POOLS (maxwait) see the wait; KILL ends it.
+        let me = &*self.login.shared;
+        me.set_waiting(Some(self.shared.started.elapsed()));
         let result = {
             let checkout = self.login.pool.checkout();
             tokio::pin!(checkout);
@@ -565,6 +569,7 @@ impl Session {
                 spare::make_room(&mut self.cbuf);
                 tokio::select! {
                     r = &mut checkout => break Ok(r),
+                    _ = me.killed() => break Err(Exit::Shutdown),
                     r = client.read_buf(&mut self.cbuf), if room => match r {
                         Ok(0) | Err(_) => break Err(Exit::ClientGone),
                         Ok(n) => {
@@ -574,6 +579,7 @@ impl Session {
                 }
             }
         };
+        me.set_waiting(None);
         let mut server = match result {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
