@@ -8,6 +8,7 @@
 
 mod closer;
 mod greeting;
+mod health;
 mod inspect;
 mod pause;
 mod stats;
@@ -22,11 +23,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::{self, BackendError, Params, ServerConn, ServerTarget, ShutdownOutcome};
 use crate::config::PoolSettings;
-use crate::metrics::{CheckOutcome, CloseReason, PoolMetrics};
+use crate::metrics::{CloseReason, PoolMetrics};
 
 pub use self::closer::Closer;
 use self::closer::{CloseJob, CloseKind};
 pub use self::greeting::Greeting;
+use self::health::ConnectFailure;
 pub use self::inspect::{ConnInfo, ServerRow, ServerRowState};
 pub use self::pause::{PausePhase, PauseSet};
 pub use self::stats::{PoolStats, StatsWindow};
@@ -85,32 +87,6 @@ pub struct PoolInner {
     pause: Mutex<pause::PauseCtl>,
     /// The last failed connect, if the last connect failed (`server_login_retry`).
     last_failure: Mutex<Option<ConnectFailure>>,
-}
-
-/// A failed connect, remembered for `server_login_retry`.
-#[derive(Debug, Clone)]
-struct ConnectFailure {
-    at: Instant,
-    code: String,
-    message: String,
-}
-
-impl ConnectFailure {
-    fn new(e: &BackendError) -> Self {
-        ConnectFailure {
-            at: Instant::now(),
-            code: e.sqlstate().to_string(),
-            message: e.to_string(),
-        }
-    }
-
-    /// The error a client gets: the last connect error's message and SQLSTATE.
-    fn error(&self) -> CheckoutError {
-        CheckoutError::Connect(BackendError::Server {
-            code: self.code.clone(),
-            message: self.message.clone(),
-        })
-    }
 }
 
 impl std::fmt::Debug for PoolInner {
@@ -490,38 +466,6 @@ impl Pool {
         }
     }
 
-    /// A server answered `25006` (read-only transaction) on connection `conn_id`: after a
-    /// failover the host it is on is no longer the primary. With `target_session_attrs` other
-    /// than `any`, every connection of the pool is replaced (idle ones now, the others as they
-    /// come back, each with the explicit shutdown) and new ones go to whichever host is
-    /// writable now. Once per failover: a connection already made stale changes nothing.
-    pub fn server_read_only(&self, conn_id: u64) {
-        let inner = &self.inner;
-        if self.target().attrs == crate::config::TargetSessionAttrs::Any {
-            return;
-        }
-        let current = inner.generation.load(Ordering::Acquire);
-        let of_conn = lock(&inner.conn_generation)
-            .get(&conn_id)
-            .map_or(0, |c| c.generation);
-        if of_conn != current {
-            return;
-        }
-        if inner
-            .generation
-            .compare_exchange(current, current + 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return;
-        }
-        tracing::warn!(pool = %inner.name, "a server is read-only (25006): replacing the pool's connections");
-        let idle: Vec<Conn> = lock(&inner.idle).drain(..).collect();
-        for c in idle {
-            inner.metrics.idle.dec();
-            inner.send_close(c, CloseReason::error);
-        }
-    }
-
     /// Apply new settings and target (SIGHUP). The size changes at once for new checkouts;
     /// connections to a changed target are replaced as they come back.
     pub fn reconfigure(&self, target: ServerTarget, settings: PoolSettings) {
@@ -593,31 +537,6 @@ impl Pool {
 }
 
 impl PoolInner {
-    /// The last failed connect, while connects must still wait for `retry` after it.
-    fn connect_failure(&self, retry: Duration) -> Option<ConnectFailure> {
-        let f = lock(&self.last_failure);
-        f.as_ref().filter(|f| f.at.elapsed() < retry).cloned()
-    }
-
-    /// `server_check_delay`: a round trip (an empty query) on a connection idle that long,
-    /// bounded by `server_close_timeout`. Counted in `tidepool_server_checks_total`.
-    async fn check(&self, conn: &mut ServerConn) -> bool {
-        let ok = matches!(
-            conn.exec("", self.server_close_timeout).await,
-            Ok(o) if o.error.is_none() && conn.is_clean()
-        );
-        let outcome = if ok {
-            CheckOutcome::ok
-        } else {
-            CheckOutcome::failed
-        };
-        self.metrics.server_check(outcome).inc();
-        if !ok {
-            tracing::info!(conn.id = conn.id, pool = %self.name, "idle server connection failed its check: replaced");
-        }
-        ok
-    }
-
     fn settings(&self) -> Arc<PoolSettings> {
         self.settings
             .read()

@@ -1,0 +1,97 @@
+//! A pool's view of its servers' health: the last failed connect (`server_login_retry`), the
+//! round trip that checks a connection idle for `server_check_delay`, and the failover
+//! reaction to a read-only server (`25006`) under `target_session_attrs` (DESIGN.md section 9).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{lock, CheckoutError, Conn, Pool, PoolInner};
+use crate::backend::{BackendError, ServerConn};
+use crate::metrics::{CheckOutcome, CloseReason};
+
+/// A failed connect, remembered for `server_login_retry`.
+#[derive(Debug, Clone)]
+pub(super) struct ConnectFailure {
+    pub(super) at: Instant,
+    code: String,
+    message: String,
+}
+
+impl ConnectFailure {
+    pub(super) fn new(e: &BackendError) -> Self {
+        ConnectFailure {
+            at: Instant::now(),
+            code: e.sqlstate().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The error a client gets: the last connect error's message and SQLSTATE.
+    pub(super) fn error(&self) -> CheckoutError {
+        CheckoutError::Connect(BackendError::Server {
+            code: self.code.clone(),
+            message: self.message.clone(),
+        })
+    }
+}
+
+impl PoolInner {
+    /// The last failed connect, while connects must still wait for `retry` after it.
+    pub(super) fn connect_failure(&self, retry: Duration) -> Option<ConnectFailure> {
+        let f = lock(&self.last_failure);
+        f.as_ref().filter(|f| f.at.elapsed() < retry).cloned()
+    }
+
+    /// `server_check_delay`: a round trip (an empty query) on a connection idle that long,
+    /// bounded by `server_close_timeout`. Counted in `tidepool_server_checks_total`.
+    pub(super) async fn check(&self, conn: &mut ServerConn) -> bool {
+        let ok = matches!(
+            conn.exec("", self.server_close_timeout).await,
+            Ok(o) if o.error.is_none() && conn.is_clean()
+        );
+        let outcome = if ok {
+            CheckOutcome::ok
+        } else {
+            CheckOutcome::failed
+        };
+        self.metrics.server_check(outcome).inc();
+        if !ok {
+            tracing::info!(conn.id = conn.id, pool = %self.name, "idle server connection failed its check: replaced");
+        }
+        ok
+    }
+}
+
+impl Pool {
+    /// A server answered `25006` (read-only transaction) on connection `conn_id`: after a
+    /// failover the host it is on is no longer the primary. With `target_session_attrs` other
+    /// than `any`, every connection of the pool is replaced (idle ones now, the others as they
+    /// come back, each with the explicit shutdown) and new ones go to whichever host is
+    /// writable now. Once per failover: a connection already made stale changes nothing.
+    pub fn server_read_only(&self, conn_id: u64) {
+        let inner = &self.inner;
+        if self.target().attrs == crate::config::TargetSessionAttrs::Any {
+            return;
+        }
+        let current = inner.generation.load(Ordering::Acquire);
+        let of_conn = lock(&inner.conn_generation)
+            .get(&conn_id)
+            .map_or(0, |c| c.generation);
+        if of_conn != current {
+            return;
+        }
+        if inner
+            .generation
+            .compare_exchange(current, current + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        tracing::warn!(pool = %inner.name, "a server is read-only (25006): replacing the pool's connections");
+        let idle: Vec<Conn> = lock(&inner.idle).drain(..).collect();
+        for c in idle {
+            inner.metrics.idle.dec();
+            inner.send_close(c, CloseReason::error);
+        }
+    }
+}
