@@ -93,20 +93,33 @@ impl Effects {
 /// What `text` (a simple Query's string or a Parse's query, with or without its NUL) may do to
 /// the session. Allocation-free; one pass over the text.
 pub fn scan(text: &[u8]) -> Effects {
-    let text = match text.iter().position(|&b| b == 0) {
-        Some(n) => &text[..n],
-        None => text,
-    };
+    // Runs on every simple Query and Parse in transaction mode: one vectorised pass (memchr3)
+    // finds the bytes the rest needs (the end, `;` between statements, `_` in the function
+    // names); an ordinary query costs that pass and a look at its first keyword.
     let mut fx = Effects::default();
     let mut start = 0;
-    loop {
-        fx.add(statement(&text[start..]));
-        match text[start..].iter().position(|&b| b == b';') {
-            Some(i) => start += i + 1,
-            None => break,
+    let mut underscore = false;
+    for i in memchr::memchr3_iter(0, b';', b'_', text) {
+        match text[i] {
+            b'_' => underscore = true,
+            b';' => {
+                fx.add(statement(&text[start..i]));
+                start = i + 1;
+            }
+            _ => {
+                fx.add(statement(&text[start..i]));
+                let text = &text[..i];
+                if underscore {
+                    functions(text, &mut fx);
+                }
+                return fx;
+            }
         }
     }
-    functions(text, &mut fx);
+    fx.add(statement(&text[start..]));
+    if underscore {
+        functions(text, &mut fx);
+    }
     fx
 }
 
@@ -172,7 +185,7 @@ fn is(w: Option<&[u8]>, keyword: &[u8]) -> bool {
     w.is_some_and(|w| w.eq_ignore_ascii_case(keyword))
 }
 
-/// One statement's leading keywords.
+/// One statement's leading keywords (`text` ends at the statement's `;`).
 fn statement(text: &[u8]) -> Effects {
     let mut w = Words { rest: text };
     let Some(first) = w.next() else {
@@ -247,23 +260,9 @@ fn statement(text: &[u8]) -> Effects {
         }
     } else if kw(b"ALTER") || kw(b"DROP") {
         fx.ddl = true;
-    } else if kw(b"SELECT") && w.contains(b"INTO") {
+    } else if kw(b"SELECT") && selects_into_temp(w.rest) {
         // SELECT ... INTO [TEMP|TEMPORARY] name creates a table.
-        let end = w
-            .rest
-            .iter()
-            .position(|&b| b == b';')
-            .unwrap_or(w.rest.len());
-        let body = &w.rest[..end];
-        if let Some(i) = find_ci(body, b"INTO") {
-            let mut after = Words {
-                rest: &body[i + 4..],
-            };
-            let next = after.next();
-            if is(next, b"TEMP") || is(next, b"TEMPORARY") {
-                fx.pins = pin::TEMP_TABLE;
-            }
-        }
+        fx.pins = pin::TEMP_TABLE;
     }
     fx
 }
@@ -314,31 +313,46 @@ pub fn custom_names(text: &[u8], out: &mut Vec<String>) {
     }
 }
 
-/// Functions that change session state from inside any statement.
-fn functions(text: &[u8], fx: &mut Effects) {
-    let mut at = 0;
-    while let Some(i) = find_ci(&text[at..], b"set_config") {
-        fx.settings = true;
-        at += i + 10;
-    }
-    let mut at = 0;
-    while let Some(i) = find_ci(&text[at..], b"advisory_") {
-        let before = &text[..at + i];
-        let after = &text[at + i + 9..];
-        at += i + 9;
-        let prefixed = |p: &[u8]| {
-            before.len() >= p.len() && before[before.len() - p.len()..].eq_ignore_ascii_case(p)
-        };
-        if !(prefixed(b"pg_") || prefixed(b"pg_try_")) {
-            continue;
+/// Does the rest of a SELECT have `INTO TEMP`/`INTO TEMPORARY`?
+fn selects_into_temp(body: &[u8]) -> bool {
+    memchr::memchr2_iter(b'i', b'I', body).any(|i| {
+        let word_start = i == 0 || !body[i - 1].is_ascii_alphanumeric();
+        let into = body[i..].len() > 4 && body[i..i + 4].eq_ignore_ascii_case(b"INTO");
+        if !(word_start && into && body[i + 4].is_ascii_whitespace()) {
+            return false;
         }
-        let starts = |p: &[u8]| after.len() >= p.len() && after[..p.len()].eq_ignore_ascii_case(p);
-        if starts(b"unlock_all") {
-            fx.unpins |= pin::ADVISORY_LOCK;
-        } else if starts(b"lock") {
-            // pg_advisory_lock(, pg_advisory_lock_shared(, pg_try_advisory_lock...; the
-            // transaction-level ones are pg_advisory_xact_lock and do not match.
-            fx.pins |= pin::ADVISORY_LOCK;
+        let next = Words {
+            rest: &body[i + 4..],
+        }
+        .next();
+        is(next, b"TEMP") || is(next, b"TEMPORARY")
+    })
+}
+
+/// Functions that change session state from inside any statement: `set_config` and the
+/// session-level advisory-lock functions. Both names have a `_`; an ordinary query with an
+/// underscore or two (`pgbench_accounts`) costs a look at each.
+fn functions(text: &[u8], fx: &mut Effects) {
+    let ends_with =
+        |at: usize, p: &[u8]| at >= p.len() && text[at - p.len()..at].eq_ignore_ascii_case(p);
+    let starts_at = |at: usize, p: &[u8]| {
+        text.len() >= at + p.len() && text[at..at + p.len()].eq_ignore_ascii_case(p)
+    };
+    for i in memchr::memchr_iter(b'_', text) {
+        if ends_with(i, b"set") && starts_at(i + 1, b"config") {
+            fx.settings = true;
+        } else if ends_with(i, b"advisory") {
+            let before = i - b"advisory".len();
+            if !(ends_with(before, b"pg_") || ends_with(before, b"pg_try_")) {
+                continue;
+            }
+            if starts_at(i + 1, b"unlock_all") {
+                fx.unpins |= pin::ADVISORY_LOCK;
+            } else if starts_at(i + 1, b"lock") {
+                // pg_advisory_lock(, pg_advisory_lock_shared(, pg_try_advisory_lock...; the
+                // transaction-level ones are pg_advisory_xact_lock and do not match.
+                fx.pins |= pin::ADVISORY_LOCK;
+            }
         }
     }
 }
@@ -443,6 +457,18 @@ mod tests {
         let d = fx("DEALLOCATE PREPARE ALL");
         assert_eq!(d.unpins, pin::PREPARE);
         assert!(d.drops_statements);
+    }
+
+    #[test]
+    fn names_at_the_edges_of_the_text() {
+        assert!(fx("set_config('a.b','c',false)").settings);
+        assert!(!fx("_").settings);
+        assert!(!fx("x_config").settings);
+        assert_eq!(fx("pg_advisory_").pins, 0);
+        assert_eq!(fx("advisory_lock(1)").pins, 0);
+        assert_eq!(fx("SELECT 1 INTO temporary t2").pins, pin::TEMP_TABLE);
+        assert_eq!(fx("SELECT x FROM t WHERE mint = 1").pins, 0);
+        assert_eq!(fx("SELECT 1 INTO").pins, 0);
     }
 
     #[test]
