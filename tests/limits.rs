@@ -158,6 +158,55 @@ fn padded_startup(db: &str, total: usize) -> Vec<u8> {
     p
 }
 
+/// The startup packet is read whole in one call when it has arrived whole; split across
+/// writes, or longer than that first read's buffer, it still logs in. Bytes sent after it,
+/// before tidepool answered, are a protocol violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_packets_split_long_or_followed_by_data() {
+    let pg = PgCluster::shared();
+    let db = pg.create_db("lim_startup_read");
+    let tp = Tidepool::start(&config(pg, &db, &pool("transaction", 2, ""), "")).await;
+    let port = tp.port();
+    let db2 = db.clone();
+    blocking(move || {
+        let login = |s: &mut TcpStream| loop {
+            let (tag, body) = raw::read_msg(s).expect("login reply");
+            match tag {
+                b'Z' => break,
+                b'E' => panic!("login failed: {:?}", raw::error_fields(&body)),
+                _ => {}
+            }
+        };
+        // Split: the length word, a pause, then the rest in two writes.
+        let packet = raw::startup_packet(&[("user", "postgres"), ("database", &db2)]);
+        let mut s = connect(port);
+        s.write_all(&packet[..2]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(&packet[2..9]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(&packet[9..]).unwrap();
+        login(&mut s);
+        // Longer than the first read's 512 bytes.
+        let mut s = connect(port);
+        s.write_all(&padded_startup(&db2, 2000)).unwrap();
+        login(&mut s);
+        // Data after the packet in the same write.
+        let mut s = connect(port);
+        let mut both = packet.clone();
+        both.extend_from_slice(&raw::query_msg("SELECT 1"));
+        s.write_all(&both).unwrap();
+        expect_fatal(
+            &mut s,
+            "08P01",
+            "after the startup packet",
+            "data after startup",
+        );
+    })
+    .await;
+    served(port, &db);
+    finish(tp).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_packet_over_10000_bytes_is_refused() {
     let pg = PgCluster::shared();

@@ -153,13 +153,20 @@ pub struct Attached {
 }
 
 async fn read_startup(sock: &mut ClientStream) -> Result<Option<StartupPacket>, LoginError> {
-    let mut len = [0u8; 4];
-    match sock.read_exact(&mut len).await {
-        Ok(_) => {}
-        // A client that connects and leaves (a TCP health probe) is not an error.
-        Err(_) => return Ok(None),
+    // One read for the whole packet when it has arrived whole, as it usually has (a client
+    // writes it at once and waits for the answer), instead of one read for its length and one
+    // for the rest; and no allocation for a packet that fits the buffer. A client sends nothing
+    // more before it is answered, so bytes past the packet are a protocol violation.
+    let mut buf = [0u8; 512];
+    let mut got = 0;
+    while got < 4 {
+        match sock.read(&mut buf[got..]).await {
+            // A client that connects and leaves (a TCP health probe) is not an error.
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => got += n,
+        }
     }
-    let len = u32::from_be_bytes(len) as usize;
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if !(8..=protocol::MAX_STARTUP_PACKET).contains(&len) {
         return Err(LoginError::new(
             "08P01",
@@ -167,11 +174,29 @@ async fn read_startup(sock: &mut ClientStream) -> Result<Option<StartupPacket>, 
             RejectReason::protocol,
         ));
     }
-    let mut body = vec![0u8; len - 4];
-    if sock.read_exact(&mut body).await.is_err() {
-        return Ok(None);
+    if got > len {
+        return Err(LoginError::new(
+            "08P01",
+            "unexpected data after the startup packet",
+            RejectReason::protocol,
+        ));
     }
-    protocol::parse_startup(&body).map(Some).map_err(|e| {
+    let heap;
+    let body: &[u8] = if len <= buf.len() {
+        if got < len && sock.read_exact(&mut buf[got..len]).await.is_err() {
+            return Ok(None);
+        }
+        &buf[4..len]
+    } else {
+        let mut rest = vec![0u8; len - 4];
+        rest[..got - 4].copy_from_slice(&buf[4..got]);
+        if sock.read_exact(&mut rest[got - 4..]).await.is_err() {
+            return Ok(None);
+        }
+        heap = rest;
+        &heap
+    };
+    protocol::parse_startup(body).map(Some).map_err(|e| {
         // Postgres answers an unsupported protocol version with feature_not_supported
         // (ProcessStartupPacket, src/backend/postmaster/postmaster.c in Postgres 15); other malformed
         // packets are protocol violations.
