@@ -32,6 +32,7 @@ WORKLOADS = {
     "TPCB16": "TPC-B (default script) -c 16",
     "CS16": "-C -S -c 16 (new connection per transaction)",
     "SL16": "-f set_local.sql -c 16 (BEGIN; SET LOCAL statement_timeout; SELECT; END)",
+    "US16": "-S -c 16 over each target's Unix socket",
 }
 # (numerator, denominator) of the extra ratio columns, shown when the run has the target.
 PAIRS = [("tidepool", "baseline"), ("tp_timeouts", "tidepool")]
