@@ -329,23 +329,24 @@ impl Pool {
                 }
                 continue;
             }
-            return match self.connect(settings.connect_timeout).await {
-                Ok(conn) => {
-                    *lock(&inner.last_failure) = None;
-                    inner.metrics.active.inc();
-                    Ok(Checkout::new(conn, permit, inner.clone(), Instant::now()))
-                }
-                Err(e) => {
-                    *lock(&inner.last_failure) = Some(ConnectFailure::new(&e));
-                    Err(CheckoutError::Connect(e))
-                }
-            };
+            return self
+                .connect(permit, settings.connect_timeout)
+                .await
+                .map_err(CheckoutError::Connect);
         }
     }
 
     /// Open and log in a new server connection, in a task of its own that always completes
     /// (a login cut off half way is an abrupt disconnect for Postgres; `backend::connect`).
-    async fn connect(&self, connect_timeout: Duration) -> Result<Conn, BackendError> {
+    /// The task wraps the connection in its checkout guard, with `permit`, before handing it
+    /// over: if the caller has stopped waiting, dropping the guard parks the connection (a
+    /// bare connection dropped in the channel would be a leak). It also records the outcome
+    /// for `server_login_retry`, whoever is still waiting.
+    async fn connect(
+        &self,
+        permit: OwnedSemaphorePermit,
+        connect_timeout: Duration,
+    ) -> Result<Checkout, BackendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let pool = self.clone();
         self.inner.tracker.spawn(async move {
@@ -364,10 +365,13 @@ impl Pool {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(pool = %inner.name, error = %e, "server login failed");
+                    *lock(&inner.last_failure) = Some(ConnectFailure::new(&e));
+                    drop(permit);
                     let _ = tx.send(Err(e));
                     return;
                 }
             };
+            *lock(&inner.last_failure) = None;
             inner.metrics.opened.inc();
             inner.register_conn(&mut conn, generation);
             {
@@ -377,11 +381,11 @@ impl Pool {
                 }
             }
             tracing::debug!(conn.id = conn.id, pool = %inner.name, pid = conn.key.pid, "server connection opened");
-            let conn = Box::new(conn);
-            if let Err(Ok(conn)) = tx.send(Ok(conn)) {
-                // The client stopped waiting: the connection goes to the idle list.
-                inner.return_clean(conn, None);
-            }
+            inner.metrics.active.inc();
+            let checkout = Checkout::new(Box::new(conn), permit, inner.clone(), Instant::now());
+            // If the caller stopped waiting, the checkout is dropped here and parks the
+            // connection on the idle list.
+            let _ = tx.send(Ok(checkout));
         });
         rx.await.unwrap_or(Err(BackendError::Closed))
     }
