@@ -6,20 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pg::PgCluster;
-use common::tp::{self, config_text, http_get, Tidepool};
-
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.starts_with(name)
-                && l[name.len()..].starts_with(['{', ' '])
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
+use common::tp::{self, config_text, http_get, sample, Tidepool};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_under_load_and_match_pool_state() {

@@ -234,17 +234,6 @@ async fn psql_async(port: u16, user: &str, sql: &str) -> Result<Table, String> {
         .unwrap()
 }
 
-fn assert_clean_log(pg: &PgCluster, offset: u64) {
-    std::thread::sleep(Duration::from_millis(300));
-    let log = pg.log_since(offset);
-    let abrupt = tp::abrupt_disconnects(&log);
-    assert!(
-        abrupt.is_empty(),
-        "Postgres saw abrupt disconnects:\n{}",
-        abrupt.join("\n")
-    );
-}
-
 /// Every SHOW command answers through psql with PgBouncer 1.25's columns, in its order, and
 /// values in its units.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,7 +380,7 @@ async fn every_show_answers_psql_with_pgbouncers_columns() {
     drop(client);
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0, "{report:?}");
-    assert_clean_log(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 async fn console_client(
@@ -524,7 +513,7 @@ async fn access_control_and_errors_keep_the_session() {
     drop((mon, admin));
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0, "{report:?}");
-    assert_clean_log(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 /// PAUSE/RESUME of a database, its deadline, RECONNECT + WAIT_CLOSE, KILL and KILL_CLIENT.
@@ -725,7 +714,7 @@ async fn pause_resume_reconnect_kill() {
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0, "{report:?}");
     assert_eq!(report.servers_closed_hard, 0, "{report:?}");
-    assert_clean_log(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 /// The exporter's venv: prometheus-pgbouncer-exporter 2.x from PyPI. Installed with
@@ -821,18 +810,7 @@ async fn pgbouncer_exporter_scrapes_the_console() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let sample = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find(|l| {
-                l.starts_with(name)
-                    && l[name.len()..].starts_with(['{', ' '])
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    };
+    let sample = |name: &str, labels: &[(&str, &str)]| tp::sample(&body, name, labels);
     assert_eq!(
         sample("pgbouncer_up", &[]),
         Some(1.0),
@@ -878,7 +856,7 @@ async fn pgbouncer_exporter_scrapes_the_console() {
     drop(app);
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0, "{report:?}");
-    assert_clean_log(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 /// The binary's config for the switch test: database `db` at `port`.
@@ -997,8 +975,8 @@ fn upstream_switch_under_pgbench_fails_no_transaction() {
     let report = tp.drain_report().expect("drain report");
     assert_eq!(report["leaked"], 0, "{report}");
     assert_eq!(report["servers_closed_hard"], 0, "{report}");
-    assert_clean_log(pg1, off1);
-    assert_clean_log(&pg2, off2);
+    tp::assert_no_abrupt_disconnects_since(pg1, off1);
+    tp::assert_no_abrupt_disconnects_since(&pg2, off2);
 }
 
 /// Console SHUTDOWN is SIGTERM's drain: under pgbench, clients finish, the process exits 0
@@ -1044,5 +1022,5 @@ fn console_shutdown_drains_like_the_signals() {
         "{report}"
     );
     assert!(tp.log().contains("SHUTDOWN command issued"));
-    assert_clean_log(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }

@@ -28,18 +28,6 @@ fn config(pg: &PgCluster, db: &str, mode: &str, size: usize, drain: &str) -> Str
     )
 }
 
-fn assert_no_abrupt_disconnects(pg: &PgCluster, offset: u64) {
-    // Disconnection lines can land a moment after the client side is done.
-    std::thread::sleep(Duration::from_millis(300));
-    let log = pg.log_since(offset);
-    let bad = tp::abrupt_disconnects(&log);
-    assert!(
-        bad.is_empty(),
-        "abrupt disconnects in the Postgres log:\n{}",
-        bad.join("\n")
-    );
-}
-
 fn pgbench_init(port: u16, db: &str) {
     let (ok, out) = tp::pgbench(port, db, &["-i", "-s", "1", "-q"]);
     assert!(ok, "pgbench -i: {out}");
@@ -115,7 +103,7 @@ fn sigterm_mid_pgbench(mode: &str, workers: Option<usize>) {
     );
     let last = tp.log().lines().last().unwrap_or_default().to_string();
     assert!(last.contains("drain report"), "last log line: {last}");
-    assert_no_abrupt_disconnects(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 #[test]
@@ -199,7 +187,7 @@ async fn drain_timeout_closes_clients_and_cancels_queries() {
     let report = tp.drain_report().expect("drain report");
     assert_eq!(report["leaked"], 0, "{report}");
     assert_eq!(report["deadline_reached"], true, "{report}");
-    assert_no_abrupt_disconnects(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +248,7 @@ async fn sigint_closes_idle_clients_now_and_busy_ones_after_commit() {
     let report = tp.drain_report().expect("drain report");
     assert_eq!(report["clients_closed_at_boundary"], 2, "{report}");
     assert_eq!(report["leaked"], 0, "{report}");
-    assert_no_abrupt_disconnects(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,7 +292,7 @@ async fn second_sigterm_forces() {
     let report = tp.drain_report().expect("drain report");
     assert_eq!(report["clients_forced"], 1, "{report}");
     assert_eq!(report["leaked"], 0, "{report}");
-    assert_no_abrupt_disconnects(pg, offset);
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
 #[test]

@@ -123,13 +123,7 @@ async fn driver_test(prefix: &str, script: &str) {
     );
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0, "leaked server connections: {report:?}");
-    let log = pg.log_since(log_start);
-    let abrupt = tp::abrupt_disconnects(&log);
-    assert!(
-        abrupt.is_empty(),
-        "Postgres saw abrupt disconnects:\n{}",
-        abrupt.join("\n")
-    );
+    tp::assert_no_abrupt_disconnects_since(pg, log_start);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,11 +151,5 @@ async fn drivers_keep_their_session_settings_their_own() {
     println!("isolation_workload.py:\n{out}");
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0, "leaked server connections: {report:?}");
-    let log = pg.log_since(log_start);
-    let abrupt = tp::abrupt_disconnects(&log);
-    assert!(
-        abrupt.is_empty(),
-        "Postgres saw abrupt disconnects:\n{}",
-        abrupt.join("\n")
-    );
+    tp::assert_no_abrupt_disconnects_since(pg, log_start);
 }

@@ -75,13 +75,7 @@ impl Setup {
         let report = self.tp.stop().await;
         assert_eq!(report.leaked, 0, "{report:?}");
         assert_eq!(report.servers_closed_hard, 0, "{report:?}");
-        let log = self.pg.log_since(self.log_start);
-        let abrupt = tp::abrupt_disconnects(&log);
-        assert!(
-            abrupt.is_empty(),
-            "abrupt disconnects:\n{}",
-            abrupt.join("\n")
-        );
+        tp::assert_no_abrupt_disconnects_since(self.pg, self.log_start);
     }
 }
 

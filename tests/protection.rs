@@ -88,7 +88,7 @@ async fn idle_in_transaction_is_ended_and_the_server_kept() {
     drop(b);
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0);
-    assert!(tp::abrupt_disconnects(&pg.log_since(log_start)).is_empty());
+    tp::assert_no_abrupt_disconnects_since(pg, log_start);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +117,7 @@ async fn query_timeout_cancels_and_reuses_the_server() {
     drop(c);
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0);
-    assert!(tp::abrupt_disconnects(&pg.log_since(log_start)).is_empty());
+    tp::assert_no_abrupt_disconnects_since(pg, log_start);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

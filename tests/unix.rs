@@ -171,5 +171,5 @@ async fn a_server_reached_over_its_unix_socket() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     let report = tp.stop().await;
     assert_eq!(report.leaked, 0);
-    assert!(tp::abrupt_disconnects(&pg.log_since(log_start)).is_empty());
+    tp::assert_no_abrupt_disconnects_since(pg, log_start);
 }

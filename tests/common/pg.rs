@@ -49,6 +49,14 @@ pub struct PgCluster {
     keep: bool,
 }
 
+/// The port `pgcluster start`/`standby` prints as its last line.
+fn port_printed(stdout: &str) -> Option<u16> {
+    stdout
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse::<u16>().ok())
+}
+
 /// Path of `scripts/pgcluster` in this crate.
 pub fn script_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -161,10 +169,7 @@ impl PgCluster {
         let out = run(cmd)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let port = stdout
-            .lines()
-            .last()
-            .and_then(|l| l.trim().parse::<u16>().ok());
+        let port = port_printed(&stdout);
         let port = match (out.status.success(), port) {
             (true, Some(p)) => p,
             _ => {
@@ -213,10 +218,7 @@ impl PgCluster {
         }
         let out = run(cmd).unwrap_or_else(|e| panic!("pgcluster standby: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let port = stdout
-            .lines()
-            .last()
-            .and_then(|l| l.trim().parse::<u16>().ok());
+        let port = port_printed(&stdout);
         let port = match (out.status.success(), port) {
             (true, Some(p)) => p,
             _ => panic!(

@@ -397,6 +397,34 @@ pub fn abrupt_disconnects(log: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Assert that the Postgres log since `offset` shows no abrupt client disconnect (after a
+/// moment: disconnection lines can land just after the client side is done).
+pub fn assert_no_abrupt_disconnects_since(pg: &PgCluster, offset: u64) {
+    std::thread::sleep(Duration::from_millis(300));
+    let log = pg.log_since(offset);
+    let abrupt = abrupt_disconnects(&log);
+    assert!(
+        abrupt.is_empty(),
+        "abrupt disconnects in the Postgres log:\n{}",
+        abrupt.join("\n")
+    );
+}
+
+/// The value of the first sample of `name` in a text exposition whose labels include every
+/// `(key, value)` in `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(name)
+                && l[name.len()..].starts_with(['{', ' '])
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Run pgbench against `port`; returns (success, stdout+stderr).
 pub fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new("pgbench")
