@@ -1,0 +1,161 @@
+//! Label sets and label values of the metric families.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+
+/// Why a server connection was closed (`reason` label of `tidepool_server_connections_closed_total`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CloseReason {
+    drain,
+    idle_timeout,
+    lifetime,
+    error,
+    reset_failed,
+    reload,
+    forced,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::drain,
+        CloseReason::idle_timeout,
+        CloseReason::lifetime,
+        CloseReason::error,
+        CloseReason::reset_failed,
+        CloseReason::reload,
+        CloseReason::forced,
+    ];
+}
+
+/// `state` label of `tidepool_server_connections`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ServerState {
+    idle,
+    active,
+    closing,
+}
+
+/// `state` label of `tidepool_client_connections`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ClientState {
+    active,
+    idle,
+    waiting,
+}
+
+/// `reason` label of `tidepool_client_connections_rejected_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RejectReason {
+    max_clients,
+    auth,
+    draining,
+    protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolReasonLabel {
+    pub pool: String,
+    pub reason: CloseReason,
+}
+
+/// `outcome` label of `tidepool_server_shutdowns_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ShutdownOutcomeLabel {
+    clean,
+    hard,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolOutcomeLabel {
+    pub pool: String,
+    pub outcome: ShutdownOutcomeLabel,
+}
+
+/// `outcome` label of `tidepool_prepared_parses_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ParseOutcome {
+    forwarded,
+    avoided,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolParseLabel {
+    pub pool: String,
+    pub outcome: ParseOutcome,
+}
+
+/// `kind` label of `tidepool_timeouts_total` (DESIGN.md section 9).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TimeoutKind {
+    query,
+    idle_transaction,
+    client_idle,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolTimeoutLabel {
+    pub pool: String,
+    pub kind: TimeoutKind,
+}
+
+/// `outcome` label of `tidepool_server_checks_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CheckOutcome {
+    ok,
+    failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolCheckLabel {
+    pub pool: String,
+    pub outcome: CheckOutcome,
+}
+
+/// `action` label of `tidepool_session_state_total` (DESIGN.md section 8).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SessionStateAction {
+    /// A client's session-level setting was captured, to follow it to other servers.
+    carried,
+    /// A server was returned to its defaults before another client used it.
+    cleaned,
+    /// A client was pinned to its server.
+    pinned,
+    /// A statement was refused (`session_state = "reject"`).
+    rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionStateLabel {
+    pub pool: String,
+    pub kind: &'static str,
+    pub action: SessionStateAction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolStateLabel {
+    pub pool: String,
+    pub state: ServerState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientStateLabel {
+    pub state: ClientState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabel {
+    pub reason: RejectReason,
+}
