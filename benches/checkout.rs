@@ -60,7 +60,7 @@ impl Fixture {
             attrs: Default::default(),
             dbname: "postgres".to_string(),
             user: pg::SUPERUSER.to_string(),
-            password: None,
+            credential: None,
             sslmode: SslMode::Disable,
             tls: None,
             tls_id: String::new(),

@@ -209,6 +209,14 @@ async fn upkeep(shared: Arc<Shared>) {
         for pool in shared.pools() {
             pool.maintain().await;
         }
+        let rt = shared.runtime();
+        shared
+            .lookup
+            .close_idle(
+                rt.config.pool.server_idle_timeout,
+                rt.config.drain.server_close_timeout,
+            )
+            .await;
     }
 }
 
@@ -344,6 +352,8 @@ async fn drain(shared: &Arc<Shared>, accept: tokio::task::JoinHandle<()>) -> Dra
     for pool in shared.pools() {
         pool.close(CloseReason::drain).await;
     }
+    // The auth lookup's connections (no client needs a lookup any more).
+    shared.lookup.close(cfg.server_close_timeout).await;
     // Jobs already handed to the closer (recoveries, resets) finish, then it stops.
     let until = tokio::time::Instant::now() + cfg.server_close_timeout * 2 + Duration::from_secs(1);
     while shared.closer.pending() > 0 && tokio::time::Instant::now() < until {

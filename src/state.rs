@@ -14,11 +14,12 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{ScramVerifier, Secret};
+use crate::auth::{ScramVerifier, Secret, ServerCredential};
 use crate::backend::statements::Registry;
 use crate::backend::ServerTarget;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError, ConfigSource};
+use crate::lookup::{self, Lookup};
 use crate::metrics::Metrics;
 use crate::pool::{Closer, PauseSet, Pool, PoolStatus};
 use crate::shutdown::Shutdown;
@@ -124,6 +125,8 @@ pub struct Shared {
     pub pauses: PauseSet,
     /// The console's SHOW STATS averages window.
     pub stats_window: Mutex<crate::pool::StatsWindow>,
+    /// Users looked up in Postgres (`auth.lookup_user`).
+    pub lookup: Arc<Lookup>,
 }
 
 impl Shared {
@@ -133,11 +136,13 @@ impl Shared {
         let tracker = TaskTracker::new();
         let closer_stop = CancellationToken::new();
         let closer = Closer::start(&tracker, closer_stop.clone());
+        let metrics = Arc::new(Metrics::new());
         Shared {
+            lookup: Arc::new(Lookup::new(metrics.clone())),
             runtime: RwLock::new(Arc::new(rt)),
             source,
             pools: Mutex::new(HashMap::new()),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             closer,
             closer_stop,
             cancels: CancelRegistry::new(),
@@ -196,18 +201,27 @@ impl Shared {
         rt: &Runtime,
         database: &str,
         user: &str,
-        client_password: Option<&str>,
+        credential: Option<&ServerCredential>,
     ) -> Result<Pool, String> {
         let key = (database.to_string(), user.to_string());
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pools.get(&key) {
+            // Pass-through: the latest login's keys answer the next server logins (a
+            // password changed in Postgres reaches new server connections this way).
+            if let Some(c) = credential.filter(|c| !matches!(c, ServerCredential::Password(_))) {
+                if target_for(rt, database, user, Some(c.clone()))
+                    .is_some_and(|t| t.credential.as_ref() == Some(c))
+                {
+                    p.set_credential(c);
+                }
+            }
             return Ok(p.clone());
         }
         let (entry_name, _) = rt
             .config
             .database_entry(database)
             .ok_or_else(|| format!("database \"{database}\" does not exist"))?;
-        let target = target_for(rt, database, user, client_password)
+        let target = target_for(rt, database, user, credential.cloned())
             .ok_or_else(|| format!("database \"{database}\" does not exist"))?;
         let settings = rt.config.pool_settings(entry_name);
         let name = format!("{database}/{user}");
@@ -308,12 +322,18 @@ impl Shared {
             let Some((entry_name, _)) = rt.config.database_entry(database) else {
                 continue;
             };
-            let password = rt.users.get(user).and_then(|u| u.secret.plaintext());
-            if let Some(target) = target_for(&rt, database, user, password) {
+            // A listed user's password, else what its logins passed through.
+            let credential = match rt.users.get(user).and_then(|u| u.secret.plaintext()) {
+                Some(p) => Some(ServerCredential::Password(p.to_string())),
+                None => pool.target().credential.clone(),
+            };
+            if let Some(target) = target_for(&rt, database, user, credential) {
                 pool.reconfigure(target, rt.config.pool_settings(entry_name));
             }
         }
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = rt;
+        // The query or the lookup database may have changed: look users up afresh.
+        self.lookup.clear();
         tracing::info!("configuration reloaded");
         Ok(())
     }
@@ -326,6 +346,28 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// How to look a user of `database` up, when `auth.lookup_user` is set: in
+    /// `auth.lookup_dbname`, else in the client's database, as the lookup user.
+    pub fn lookup_request(&self, database: &str) -> Option<lookup::Request> {
+        let auth = &self.config.auth;
+        let user = auth.lookup_user.as_deref()?;
+        let password = auth.lookup_password()?;
+        let db = auth.lookup_dbname.as_deref().unwrap_or(database);
+        let (entry_name, _) = self.config.database_entry(db)?;
+        let mut target = target_for(self, db, user, None)?;
+        // Always the lookup user, even where the entry names a user of its own.
+        target.user = user.to_string();
+        target.credential = Some(ServerCredential::Password(password.to_string()));
+        let settings = self.config.pool_settings(entry_name);
+        Some(lookup::Request {
+            target,
+            query: auth.lookup_query.clone(),
+            cache_for: auth.lookup_cache,
+            connect_timeout: settings.connect_timeout,
+            close_timeout: self.config.drain.server_close_timeout,
+        })
+    }
+
     /// Server logins the readiness check can make before any pool exists: each database
     /// entry that names its server `user`, with the pool name it would have.
     pub fn login_targets(&self) -> Vec<(ServerTarget, String)> {
@@ -346,7 +388,7 @@ fn target_for(
     rt: &Runtime,
     database: &str,
     user: &str,
-    client_password: Option<&str>,
+    credential: Option<ServerCredential>,
 ) -> Option<ServerTarget> {
     let (entry_name, entry) = rt.config.database_entry(database)?;
     let (tls, tls_id) = rt.server_tls.get(entry_name).cloned().unwrap_or_default();
@@ -360,10 +402,13 @@ fn target_for(
         attrs: entry.target_session_attrs,
         dbname,
         user: entry.user.clone().unwrap_or_else(|| user.to_string()),
-        password: entry
-            .password
-            .clone()
-            .or_else(|| client_password.map(str::to_string)),
+        credential: match &entry.password {
+            Some(p) => Some(ServerCredential::Password(p.clone())),
+            // An entry that names its own user and no password: nothing of the client's
+            // may answer for that other user.
+            None if entry.user.as_deref().is_some_and(|u| u != user) => None,
+            None => credential,
+        },
         sslmode: entry.sslmode,
         tls,
         tls_id,

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::pg::PgCluster;
 use common::tp::TidepoolProcess;
 
@@ -13,29 +11,7 @@ const MD5U_PW: &str = "md5user-Pw-0815";
 const VERI_PW: &str = "verifier-Pw-1234";
 
 fn psql(port: u16, user: &str, password: &str, db: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            user,
-            "-d",
-            db,
-        ])
-        .args(["-c", "SELECT current_user"])
-        .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+    common::tp::psql_as(port, user, password, db, "SELECT current_user")
 }
 
 fn setup() -> (PgCluster, String) {
@@ -59,7 +35,12 @@ fn setup() -> (PgCluster, String) {
         "md5{}",
         hex(&md5_digest(format!("{MD5U_PW}md5user").as_bytes()))
     );
-    let verifier = postgres_protocol::password::scram_sha_256(VERI_PW.as_bytes());
+    // veri's verifier as the server stores it (pass-through needs the server's own).
+    let verifier = pg.psql(
+        "postgres",
+        "SELECT rolpassword FROM pg_authid WHERE rolname = 'veri'",
+    );
+    assert!(verifier.starts_with("SCRAM-SHA-256$"), "{verifier}");
     let users = format!(
         "[[auth.users]]\nname = \"app\"\npassword = \"{APP_PW}\"\n\
          [[auth.users]]\nname = \"md5user\"\npassword = \"{md5_hash}\"\n\
@@ -111,10 +92,11 @@ fn scram_and_md5_clients_and_password_servers() {
         wrong.replace("\"app\"", "X"),
         unknown.replace("\"ghost\"", "X")
     );
-    // A SCRAM verifier in the config: the client logs in; the server needs a password
-    // tidepool cannot derive from a verifier, so the database entry must carry it.
-    let err = psql(tp.port, "veri", VERI_PW, "app").unwrap_err();
-    assert!(err.contains("server login failed"), "{err}");
+    // A SCRAM verifier in the config, the server's own: the client logs in, and tidepool
+    // logs in to the server with the keys the client's proof revealed (pass-through).
+    assert_eq!(psql(tp.port, "veri", VERI_PW, "app").as_deref(), Ok("veri"));
+    let err = psql(tp.port, "veri", "nope", "app").unwrap_err();
+    assert!(err.contains("password authentication failed"), "{err}");
 
     // tokio-postgres with SCRAM.
     tokio_postgres_login(tp.port, "SCRAM");
@@ -132,8 +114,13 @@ fn scram_and_md5_clients_and_password_servers() {
     );
     // tokio-postgres with md5.
     tokio_postgres_login(tp.port, "md5");
-    // md5user's config secret is an md5 hash: the client logs in, but tidepool knows no
-    // password for the server; with the database entry's credentials it works.
+    // md5user's config secret is an md5 hash: the client logs in, and the hash answers the
+    // server's md5 challenge too (pass-through).
+    assert_eq!(
+        psql(tp.port, "md5user", MD5U_PW, "app").as_deref(),
+        Ok("md5user")
+    );
+    // With the database entry's own credentials it works as well.
     tp.signal("TERM");
     assert_eq!(tp.wait(std::time::Duration::from_secs(10)), Some(0));
     let log2 = tp.log();

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use tidepool::auth::{ScramServer, ScramVerifier, Secret};
+use tidepool::auth::{ScramClient, ScramKeys, ScramServer, ScramVerifier, Secret};
 use tidepool::backend::{params, Params};
 use tidepool::frontend::relay::{prepared, tracking};
 use tidepool::protocol::{self, Severity, StartupPacket};
@@ -217,6 +217,32 @@ fn cheap_secret() -> &'static Secret {
     SECRET.get_or_init(|| Secret::Scram(ScramVerifier::from_password(PASSWORD, b"fuzz salt", 1)))
 }
 
+/// The pass-through keys of `cheap_secret`: recovered from one exchange with
+/// `postgres_protocol`'s client, as tidepool recovers them from a client's login.
+fn cheap_keys() -> &'static ScramKeys {
+    static KEYS: OnceLock<ScramKeys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut server = ScramServer::new(cheap_secret()).expect("SCRAM possible");
+        let mut client = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
+        let first = server.client_first(client.message()).expect("client-first");
+        client.update(&first).expect("server-first");
+        server
+            .client_final(client.message())
+            .expect("proof verifies");
+        server.pass_through_keys().expect("keys after success")
+    })
+}
+
+/// XOR `mask` into the front of `buf`; true if that changed anything.
+fn xor_into(buf: &mut [u8], mask: &[u8]) -> bool {
+    let mut changed = false;
+    for (b, x) in buf.iter_mut().zip(mask) {
+        changed |= *x != 0;
+        *b ^= x;
+    }
+    changed
+}
+
 /// Split `data` at the first `sep` byte (or at the end).
 fn split2(data: &[u8], sep: u8) -> (&[u8], &[u8]) {
     match data.iter().position(|&b| b == sep) {
@@ -241,13 +267,20 @@ fn nonce_of(server_first: &[u8]) -> String {
 ///   fuzzer gets past the nonce check);
 /// - 3: a complete exchange with `postgres_protocol`'s client, whose client-final is XORed
 ///   with the input: it must succeed exactly when nothing was changed;
-/// - 4: calls out of order (final before first, first twice, final twice).
+/// - 4: calls out of order (final before first, first twice, final twice);
+///
+/// and the client half tidepool plays towards servers with pass-through keys
+/// (`ScramClient`), against hostile servers:
+/// - 5: arbitrary server-first (with the client's nonce put in front of it half the time, so
+///   the fuzzer gets past the nonce check), then an arbitrary server-final;
+/// - 6: a complete exchange with `ScramServer`, whose server-first and client-final are
+///   XORed with the input: it must succeed exactly when nothing was changed.
 pub fn scram_exchange(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let secret = plain_secret();
-    match mode % 5 {
+    match mode % 7 {
         0 => {
             let (first, fin) = split2(rest, 0xff);
             let mut server = ScramServer::new(secret).expect("SCRAM possible");
@@ -308,6 +341,40 @@ pub fn scram_exchange(data: &[u8]) {
                         .expect("client verifies the server signature");
                 }
                 Err(e) => assert!(changed, "the genuine client-final failed: {e}"),
+            }
+        }
+        5 => {
+            let (first, fin) = split2(rest, 0xff);
+            let (mut client, _) = ScramClient::start_with_nonce(cheap_keys().clone(), "fuzznonce");
+            let mut server_first = Vec::new();
+            if mode & 0x80 != 0 {
+                server_first.extend_from_slice(b"r=fuzznonce");
+            }
+            server_first.extend_from_slice(first);
+            if client.server_first(&server_first).is_ok() {
+                let _ = client.server_final(fin);
+            }
+            assert!(client.server_final(fin).is_err(), "final twice");
+        }
+        6 => {
+            let (a, b) = split2(rest, 0xff);
+            let mut server = ScramServer::new(cheap_secret()).expect("SCRAM possible");
+            let (mut client, first) = ScramClient::start(cheap_keys().clone());
+            let mut server_first = server.client_first(&first).expect("our client-first");
+            let mut changed = xor_into(&mut server_first, a);
+            let Ok(mut fin) = client.server_first(&server_first) else {
+                assert!(changed, "the genuine server-first was refused");
+                return;
+            };
+            changed |= xor_into(&mut fin, b);
+            match server.client_final(&fin) {
+                Ok(server_final) => {
+                    assert!(!changed, "a modified exchange verified");
+                    client
+                        .server_final(&server_final)
+                        .expect("the client verifies the server's signature");
+                }
+                Err(e) => assert!(changed, "the genuine pass-through exchange failed: {e}"),
             }
         }
         _ => {

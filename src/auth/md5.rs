@@ -49,6 +49,18 @@ pub fn md5_verify(secret: &Secret, user: &str, salt: [u8; 4], client_response: &
     constant_time_eq(&expected, response)
 }
 
+/// The answer to a server's `AuthenticationMD5Password` challenge from the stored hash
+/// `md5(password || user)` alone: `"md5" || hex(md5(hex(stored) || salt))` (the
+/// "AuthenticationMD5Password" message in the protocol documentation). This is what lets
+/// tidepool log in to the server as a looked-up md5 user without the password.
+pub fn md5_answer_from_hash(stored: &[u8; 16], salt: [u8; 4]) -> String {
+    let outer = md5(&[&to_hex(stored), &salt]);
+    let mut out = String::with_capacity(3 + HEX_LEN);
+    out.push_str("md5");
+    out.extend(to_hex(&outer).iter().map(|&b| char::from(b)));
+    out
+}
+
 /// Recognises PostgreSQL's stored MD5 format: `md5` followed by exactly 32
 /// lower-case hex digits (the same test as `get_password_type()` in
 /// `src/backend/libpq/crypt.c`). Returns the 16 digest bytes.
@@ -101,6 +113,15 @@ mod tests {
 
     fn client_answer(user: &str, password: &str, salt: [u8; 4]) -> String {
         md5_hash(user.as_bytes(), password.as_bytes(), salt)
+    }
+
+    #[test]
+    fn answer_from_the_stored_hash_is_libpqs() {
+        let stored = md5(&[PASSWORD.as_bytes(), USER.as_bytes()]);
+        assert_eq!(
+            md5_answer_from_hash(&stored, SALT),
+            md5_hash(USER.as_bytes(), PASSWORD.as_bytes(), SALT)
+        );
     }
 
     #[test]

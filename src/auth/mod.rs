@@ -11,6 +11,10 @@
 //! * [`ScramServer`] runs a SCRAM-SHA-256 exchange (RFC 5802 / RFC 7677) the
 //!   way PostgreSQL's `src/backend/libpq/auth-scram.c` does (see [`scram`]).
 //!
+//! For pass-through it also plays the *client* half towards a server without the password:
+//! [`ScramClient`] answers with the keys a client's proof revealed ([`scram_client`]), and
+//! [`md5_answer_from_hash`] with a stored md5 hash.
+//!
 //! Everything here is pure and synchronous: the caller reads and writes the
 //! protocol messages, this module only computes and checks their payloads.
 //! All parsers treat their input as hostile: anything unexpected yields
@@ -22,14 +26,16 @@
 
 pub mod md5;
 pub mod scram;
+pub mod scram_client;
 
 use std::fmt;
 use std::str::FromStr;
 
 use subtle::ConstantTimeEq;
 
-pub use self::md5::md5_verify;
+pub use self::md5::{md5_answer_from_hash, md5_verify};
 pub use self::scram::{ScramServer, ScramVerifier, SCRAM_SHA_256};
+pub use self::scram_client::{ScramClient, ScramKeys};
 
 /// Why an authentication step failed.
 ///
@@ -51,6 +57,35 @@ pub enum AuthError {
     /// as SCRAM channel binding or a SASL authorization identity.
     #[error("unsupported authentication feature: {0}")]
     Unsupported(&'static str),
+    /// Pass-through: the server asked for a SCRAM salt or iteration count other than the
+    /// verifier's whose keys tidepool holds, so its verifier changed (a new password).
+    #[error(
+        "the server's SCRAM verifier is not the one tidepool holds keys for (password changed?)"
+    )]
+    StaleSecret,
+}
+
+/// What tidepool answers a server's authentication request with, as a client.
+///
+/// A plaintext password answers every method; the others come from a client's login and
+/// stand in for a password tidepool never learns (pass-through, DESIGN.md section 11):
+/// the keys recovered from a SCRAM proof, or an md5 user's stored hash. `Debug` redacts.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ServerCredential {
+    Password(String),
+    Scram(ScramKeys),
+    /// `md5(password || user)`, as `pg_authid` stores it.
+    Md5Hash([u8; 16]),
+}
+
+impl fmt::Debug for ServerCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerCredential::Password(_) => "Password(<redacted>)",
+            ServerCredential::Scram(_) => "ScramKeys(<redacted>)",
+            ServerCredential::Md5Hash(_) => "Md5Hash(<redacted>)",
+        })
+    }
 }
 
 /// A configured user's secret.

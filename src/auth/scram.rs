@@ -52,7 +52,7 @@ use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
-use super::{constant_time_eq, AuthError, Secret};
+use super::{constant_time_eq, AuthError, ScramKeys, Secret};
 
 /// SASL mechanism name to advertise in `AuthenticationSASL`.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
@@ -73,19 +73,19 @@ const DEFAULT_SALT_LEN: usize = 16;
 /// 18 bytes encode to 24 base64 characters without padding.
 const SERVER_NONCE_LEN: usize = 18;
 /// SHA-256 output length, the size of every SCRAM key, proof and signature.
-const KEY_LEN: usize = 32;
+pub(super) const KEY_LEN: usize = 32;
 /// Base64 length of a [`KEY_LEN`]-byte value.
 const KEY_B64_LEN: usize = 44;
 /// Upper bound on a client SCRAM message. Real ones are ~100 bytes
 /// (a user name of at most 63 bytes, escaped, plus nonces and the proof).
 const MAX_MESSAGE_LEN: usize = 4096;
 /// Upper bound on a verifier's decoded salt.
-const MAX_SALT_LEN: usize = 1024;
+pub(super) const MAX_SALT_LEN: usize = 1024;
 /// Upper bound on the length of a verifier string.
 const MAX_VERIFIER_LEN: usize = 4096;
 
 type HmacSha256 = Hmac<Sha256>;
-type Key = [u8; KEY_LEN];
+pub(super) type Key = [u8; KEY_LEN];
 
 /// A SCRAM-SHA-256 verifier: what the server stores instead of the password.
 ///
@@ -222,6 +222,9 @@ pub struct ScramServer {
     /// like `state->doomed` in auth-scram.c.
     doomed: bool,
     state: State,
+    /// The ClientKey recovered from a proof that verified: what pass-through answers the
+    /// server's SCRAM exchange with (see [`ScramServer::pass_through_keys`]).
+    client_key: Option<Key>,
 }
 
 enum State {
@@ -291,6 +294,7 @@ impl ScramServer {
             verifier,
             doomed,
             state: State::AwaitingClientFirst,
+            client_key: None,
         }
     }
 
@@ -369,8 +373,24 @@ impl ScramServer {
             return Err(AuthError::WrongPassword);
         }
 
+        self.client_key = Some(client_key);
         let server_signature = hmac(&self.verifier.server_key, &auth_message);
         Ok(format!("v={}", BASE64.encode(server_signature)).into_bytes())
+    }
+
+    /// After a successful exchange: the keys that let tidepool log in to a server that
+    /// stores the same verifier, without the password (the ClientKey recovered from the
+    /// client's proof, and the verifier's ServerKey to check the server's signature). Only
+    /// meaningful when the verifier is the server's own (configured or looked up), not one
+    /// derived here from a plaintext password with a salt of our own.
+    pub fn pass_through_keys(&self) -> Option<ScramKeys> {
+        let client_key = self.client_key?;
+        Some(ScramKeys::new(
+            client_key,
+            self.verifier.server_key,
+            &self.verifier.salt,
+            self.verifier.iterations,
+        ))
     }
 }
 
@@ -511,7 +531,7 @@ fn parse_client_final(msg: &[u8]) -> Result<ClientFinal<'_>, AuthError> {
 }
 
 /// Common checks on a client message: bounded size, no NUL, valid UTF-8.
-fn message_str(msg: &[u8]) -> Result<&str, AuthError> {
+pub(super) fn message_str(msg: &[u8]) -> Result<&str, AuthError> {
     if msg.len() > MAX_MESSAGE_LEN {
         return Err(AuthError::Malformed("SCRAM message too long"));
     }
@@ -523,7 +543,7 @@ fn message_str(msg: &[u8]) -> Result<&str, AuthError> {
 
 /// An optional extension `attr-val = ALPHA "=" value` (ignored, as in
 /// auth-scram.c, but it must at least be shaped like an attribute).
-fn check_extension(attr: &str) -> Result<(), AuthError> {
+pub(super) fn check_extension(attr: &str) -> Result<(), AuthError> {
     match attr.as_bytes() {
         [name, b'=', ..] if name.is_ascii_alphabetic() => Ok(()),
         _ => Err(AuthError::Malformed("invalid SCRAM attribute")),
@@ -531,11 +551,11 @@ fn check_extension(attr: &str) -> Result<(), AuthError> {
 }
 
 /// RFC 5802 `printable = %x21-2B / %x2D-7E` (printable ASCII except ',').
-fn is_printable(c: u8) -> bool {
+pub(super) fn is_printable(c: u8) -> bool {
     matches!(c, 0x21..=0x2b | 0x2d..=0x7e)
 }
 
-fn parse_iterations(s: &str) -> Result<u32, AuthError> {
+pub(super) fn parse_iterations(s: &str) -> Result<u32, AuthError> {
     const ERR: AuthError = AuthError::Malformed("invalid iteration count in SCRAM verifier");
     if s.is_empty() || s.len() > 10 || !s.bytes().all(|c| c.is_ascii_digit()) {
         return Err(ERR);
@@ -547,7 +567,11 @@ fn parse_iterations(s: &str) -> Result<u32, AuthError> {
 }
 
 /// Decodes canonical, padded base64 of at most `max_len` decoded bytes.
-fn decode_base64(s: &str, max_len: usize, what: &'static str) -> Result<Vec<u8>, AuthError> {
+pub(super) fn decode_base64(
+    s: &str,
+    max_len: usize,
+    what: &'static str,
+) -> Result<Vec<u8>, AuthError> {
     if s.len() > max_len.div_ceil(3) * 4 {
         return Err(AuthError::Malformed(what));
     }
@@ -555,7 +579,7 @@ fn decode_base64(s: &str, max_len: usize, what: &'static str) -> Result<Vec<u8>,
 }
 
 /// Decodes the base64 of a 32-byte key, proof or signature.
-fn decode_key(s: &str, what: &'static str) -> Result<Key, AuthError> {
+pub(super) fn decode_key(s: &str, what: &'static str) -> Result<Key, AuthError> {
     if s.len() != KEY_B64_LEN {
         return Err(AuthError::Malformed(what));
     }
@@ -579,7 +603,7 @@ fn keyed_hmac(key: &[u8]) -> HmacSha256 {
     <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC accepts keys of any length")
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
+pub(super) fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
     let mut mac = keyed_hmac(key);
     for part in parts {
         mac.update(part);
@@ -587,7 +611,7 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
     mac.finalize().into_bytes().into()
 }
 
-fn sha256(data: &[u8]) -> Key {
+pub(super) fn sha256(data: &[u8]) -> Key {
     Sha256::digest(data).into()
 }
 

@@ -17,6 +17,7 @@ use super::{
     read_message, unix_socket_path, BackendError, BackendKey, Params, ProtoState, ServerAddr,
     ServerConn, ServerTarget, NEXT_CONN_ID,
 };
+use crate::auth::{md5_answer_from_hash, AuthError, ScramClient, ServerCredential};
 use crate::protocol;
 use crate::tls::{MaybeTls, ServerStream, SslMode};
 
@@ -85,14 +86,14 @@ pub async fn connect(
     Err(last.unwrap_or(BackendError::Closed))
 }
 
-async fn connect_inner(
+/// A connection to one of the target's servers, TLS negotiated as `sslmode` asks, before
+/// any startup message: what a login, or a client of our own (the auth lookup), goes on with.
+pub async fn open_stream(
     target: &ServerTarget,
     host: &str,
     port: u16,
-    pool: Arc<str>,
-    leaked: Counter,
-) -> Result<ServerConn, BackendError> {
-    let (addr, mut stream) = match unix_socket_path(host, port) {
+) -> Result<(ServerAddr, ServerStream), BackendError> {
+    let opened = match unix_socket_path(host, port) {
         // A server's Unix socket: no TLS over it, as with libpq.
         Some(path) => {
             let stream =
@@ -120,6 +121,17 @@ async fn connect_inner(
             (addr, negotiate_tls(stream, target, host).await?)
         }
     };
+    Ok(opened)
+}
+
+async fn connect_inner(
+    target: &ServerTarget,
+    host: &str,
+    port: u16,
+    pool: Arc<str>,
+    leaked: Counter,
+) -> Result<ServerConn, BackendError> {
+    let (addr, mut stream) = open_stream(target, host, port).await?;
 
     let mut out = BytesMut::with_capacity(256);
     frontend::startup_message(
@@ -135,7 +147,7 @@ async fn connect_inner(
     let mut buf = BytesMut::with_capacity(1024);
     let mut params = Params::default();
     let mut key = BackendKey::default();
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<Scram> = None;
     loop {
         let (tag, body) = read_message(&mut stream, &mut buf).await?;
         match tag {
@@ -149,47 +161,65 @@ async fn connect_inner(
                 let data = &body[4..];
                 match code {
                     0 => {}
-                    3 => {
-                        let pw = password(target)?;
-                        frontend::password_message(pw.as_bytes(), &mut out)?;
-                    }
+                    3 => match credential(target)? {
+                        ServerCredential::Password(pw) => {
+                            frontend::password_message(pw.as_bytes(), &mut out)?
+                        }
+                        _ => return Err(cannot_answer(target, "a cleartext password")),
+                    },
                     5 => {
                         if data.len() < 4 {
                             return Err(BackendError::Protocol("short md5 salt".into()));
                         }
-                        let pw = password(target)?;
                         let salt = [data[0], data[1], data[2], data[3]];
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            target.user.as_bytes(),
-                            pw.as_bytes(),
-                            salt,
-                        );
-                        frontend::password_message(hash.as_bytes(), &mut out)?;
+                        let answer = match credential(target)? {
+                            ServerCredential::Password(pw) => {
+                                postgres_protocol::authentication::md5_hash(
+                                    target.user.as_bytes(),
+                                    pw.as_bytes(),
+                                    salt,
+                                )
+                            }
+                            ServerCredential::Md5Hash(hash) => md5_answer_from_hash(hash, salt),
+                            ServerCredential::Scram(_) => return Err(cannot_answer(target, "md5")),
+                        };
+                        frontend::password_message(answer.as_bytes(), &mut out)?;
                     }
                     10 => {
                         let offers_scram = data.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
                         if !offers_scram {
                             return Err(BackendError::UnsupportedAuth("SASL (non SCRAM-SHA-256)"));
                         }
-                        let pw = password(target)?;
-                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
+                        let (s, first) = match credential(target)? {
+                            ServerCredential::Password(pw) => {
+                                let s =
+                                    ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                                let first = s.message().to_vec();
+                                (Scram::Password(s), first)
+                            }
+                            ServerCredential::Scram(keys) => {
+                                let (s, first) = ScramClient::start(keys.clone());
+                                (Scram::Keys(s), first)
+                            }
+                            ServerCredential::Md5Hash(_) => {
+                                return Err(cannot_answer(target, "SCRAM-SHA-256"))
+                            }
+                        };
+                        frontend::sasl_initial_response("SCRAM-SHA-256", &first, &mut out)?;
                         scram = Some(s);
                     }
                     11 => {
                         let s = scram.as_mut().ok_or_else(|| {
                             BackendError::Protocol("unexpected SASLContinue".into())
                         })?;
-                        s.update(data)
-                            .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}")))?;
-                        frontend::sasl_response(s.message(), &mut out)?;
+                        let reply = s.server_first(data)?;
+                        frontend::sasl_response(&reply, &mut out)?;
                     }
                     12 => {
                         let s = scram
                             .as_mut()
                             .ok_or_else(|| BackendError::Protocol("unexpected SASLFinal".into()))?;
-                        s.finish(data)
-                            .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}")))?;
+                        s.server_final(data)?;
                     }
                     2 => return Err(BackendError::UnsupportedAuth("Kerberos")),
                     6 => return Err(BackendError::UnsupportedAuth("SCM credentials")),
@@ -282,9 +312,61 @@ async fn negotiate_tls(
     }
 }
 
-fn password(target: &ServerTarget) -> Result<&str, BackendError> {
+fn credential(target: &ServerTarget) -> Result<&ServerCredential, BackendError> {
     target
-        .password
-        .as_deref()
+        .credential
+        .as_ref()
         .ok_or_else(|| BackendError::NoPassword(target.user.clone()))
+}
+
+fn cannot_answer(target: &ServerTarget, method: &str) -> BackendError {
+    BackendError::Server {
+        code: "28P01".into(),
+        message: format!(
+            "the server asks for {method} authentication for user \"{}\", which the secret \
+             tidepool holds for it cannot answer",
+            target.user
+        ),
+    }
+}
+
+/// The client half of a SCRAM exchange with the server: with a password (postgres-protocol's,
+/// which applies SASLprep as libpq does), or with pass-through keys.
+enum Scram {
+    Password(ScramSha256),
+    Keys(ScramClient),
+}
+
+impl Scram {
+    fn server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, BackendError> {
+        match self {
+            Scram::Password(s) => {
+                s.update(data)
+                    .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}")))?;
+                Ok(s.message().to_vec())
+            }
+            Scram::Keys(s) => s.server_first(data).map_err(scram_error),
+        }
+    }
+
+    fn server_final(&mut self, data: &[u8]) -> Result<(), BackendError> {
+        match self {
+            Scram::Password(s) => s
+                .finish(data)
+                .map_err(|e| BackendError::Protocol(format!("SCRAM: {e}"))),
+            Scram::Keys(s) => s.server_final(data).map_err(scram_error),
+        }
+    }
+}
+
+/// A pass-through exchange the server's verifier no longer matches reads as the server's own
+/// refusal would (28P01), so the client is told its login failed.
+fn scram_error(e: AuthError) -> BackendError {
+    match e {
+        AuthError::StaleSecret | AuthError::WrongPassword => BackendError::Server {
+            code: "28P01".into(),
+            message: format!("password authentication failed: {e}"),
+        },
+        e => BackendError::Protocol(format!("SCRAM: {e}")),
+    }
 }

@@ -20,11 +20,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::rustls::ClientConfig;
 
+use crate::auth::ServerCredential;
 use crate::config::TargetSessionAttrs;
 use crate::protocol::{self, TERMINATE};
 use crate::tls::{ServerStream, SslMode};
 
-pub use self::login::connect;
+pub use self::login::{connect, open_stream};
 
 /// Where and as whom a pool connects.
 #[derive(Clone)]
@@ -35,7 +36,8 @@ pub struct ServerTarget {
     pub attrs: TargetSessionAttrs,
     pub dbname: String,
     pub user: String,
-    pub password: Option<String>,
+    /// What answers the server's authentication request (None: only trust works).
+    pub credential: Option<ServerCredential>,
     pub sslmode: SslMode,
     /// The rustls config for `sslmode` (None for disable).
     pub tls: Option<Arc<ClientConfig>>,
@@ -50,7 +52,7 @@ impl PartialEq for ServerTarget {
             && self.attrs == o.attrs
             && self.dbname == o.dbname
             && self.user == o.user
-            && self.password == o.password
+            && self.credential == o.credential
             && self.sslmode == o.sslmode
             && self.tls_id == o.tls_id
     }

@@ -4,15 +4,16 @@
 //! Errors name the file, the key and what is wrong, because the process exits 64 on them and an
 //! operator must be able to fix the file from the message alone.
 
+mod auth;
 mod database;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::auth::{AuthConfig, AuthMethod, UserConfig, DEFAULT_LOOKUP_QUERY};
 pub use self::database::{DatabaseConfig, Ports, TargetSessionAttrs};
 
 /// A configuration error, already worded for the operator.
@@ -136,49 +137,6 @@ impl Default for DrainConfig {
             accept_for: Duration::ZERO,
             server_close_timeout: Duration::from_secs(2),
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-pub enum AuthMethod {
-    #[serde(rename = "trust")]
-    Trust,
-    #[serde(rename = "md5")]
-    Md5,
-    #[serde(rename = "scram-sha-256")]
-    ScramSha256,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    pub method: AuthMethod,
-    pub users: Vec<UserConfig>,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            method: AuthMethod::ScramSha256,
-            users: Vec::new(),
-        }
-    }
-}
-
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct UserConfig {
-    pub name: String,
-    #[serde(skip_serializing)]
-    pub password: String,
-}
-
-impl fmt::Debug for UserConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UserConfig")
-            .field("name", &self.name)
-            .field("password", &"<redacted>")
-            .finish()
     }
 }
 
@@ -488,21 +446,7 @@ impl Config {
         if self.databases.is_empty() {
             return err("databases", "at least one database must be configured");
         }
-        let mut names = std::collections::HashSet::new();
-        for u in &self.auth.users {
-            if u.name.is_empty() {
-                return err("auth.users.name", "must not be empty");
-            }
-            if !names.insert(u.name.as_str()) {
-                return err("auth.users", &format!("user `{}` is listed twice", u.name));
-            }
-        }
-        if self.auth.method != AuthMethod::Trust && self.auth.users.is_empty() {
-            return err(
-                "auth.users",
-                "auth.method requires passwords: list the users, or set auth.method = \"trust\"",
-            );
-        }
+        self.auth.validate(|db| self.database_entry(db).is_some())?;
         for (name, d) in &self.databases {
             if let Err(e) = d.hosts() {
                 return err(&format!("databases.{name}.port"), &e);

@@ -15,10 +15,11 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
-use crate::auth::{md5_verify, ScramServer};
+use crate::auth::{md5_verify, ScramKeys, ScramServer, Secret, ServerCredential};
 use crate::backend::params::{self, ClientParams};
 use crate::cancel::{ClientInfo, ClientShared};
 use crate::config::{AuthMethod, PoolMode};
+use crate::lookup::Found;
 use crate::metrics::RejectReason;
 use crate::pool::{CheckoutError, Pool};
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket};
@@ -213,7 +214,8 @@ struct Hello {
     user: String,
     database: String,
     desired: Vec<(String, String)>,
-    client_password: Option<String>,
+    /// What answers the server as this user (a password, or pass-through keys).
+    credential: Option<ServerCredential>,
     /// The client asked for the console's database and may use it.
     console: Option<crate::console::Role>,
 }
@@ -334,7 +336,7 @@ async fn handshake(
             RejectReason::protocol,
         ));
     }
-    let client_password = authenticate(rt, sock, &user).await?;
+    let credential = authenticate(shared, rt, sock, &database, &user).await?;
     let console = match console {
         false => None,
         // After authentication, as PgBouncer does: who may use the console is no secret
@@ -353,7 +355,7 @@ async fn handshake(
         user,
         database,
         desired,
-        client_password,
+        credential,
         console,
     }))
 }
@@ -376,7 +378,7 @@ async fn attach(
         user,
         database,
         desired,
-        client_password,
+        credential,
         console: _,
     } = hello;
     let io_err = |_| {
@@ -387,7 +389,7 @@ async fn attach(
         )
     };
     let pool = shared
-        .pool_for(rt, &database, &user, client_password.as_deref())
+        .pool_for(rt, &database, &user, credential.as_ref())
         .map_err(|m| LoginError::new("3D000", m, RejectReason::protocol))?;
     let settings = pool.settings();
     let server = match (pool.baseline(), settings.mode) {
@@ -526,13 +528,23 @@ pub fn checkout_error_for_client(e: &CheckoutError) -> (&'static str, String) {
     }
 }
 
-/// Run the configured authentication; returns the client's plaintext password when tidepool
-/// knows it (for logging in to the server as the same user).
+/// Run the configured authentication. Returns what tidepool can answer the server with as
+/// this user: the password of a listed user, or what the client's login revealed
+/// (pass-through: SCRAM keys or an md5 hash, DESIGN.md section 11).
+///
+/// A user not listed is looked up in Postgres when `auth.lookup_user` is set. The secret
+/// decides the method as Postgres decides it (`CheckPWChallengeAuth` in
+/// `src/backend/libpq/auth.c`): a SCRAM verifier means SCRAM even where md5 is asked for; an
+/// md5 hash cannot do SCRAM, so under `scram-sha-256` such a user fails the (mock) exchange.
+/// Unknown users, users that cannot log in and wrong passwords all run an exchange and get
+/// the same 28P01.
 async fn authenticate(
+    shared: &Arc<Shared>,
     rt: &Runtime,
     sock: &mut ClientStream,
+    database: &str,
     user: &str,
-) -> Result<Option<String>, LoginError> {
+) -> Result<Option<ServerCredential>, LoginError> {
     let failed = || {
         LoginError::new(
             "28P01",
@@ -541,82 +553,160 @@ async fn authenticate(
         )
     };
     let entry = rt.users.get(user);
-    match rt.config.auth.method {
-        AuthMethod::Trust => {
-            if !rt.users.is_empty() && entry.is_none() {
+    if rt.config.auth.method == AuthMethod::Trust {
+        if !rt.users.is_empty() && entry.is_none() {
+            return Err(LoginError::new(
+                "28000",
+                format!("role \"{user}\" is not permitted to log in through tidepool"),
+                RejectReason::auth,
+            ));
+        }
+        return Ok(entry.and_then(|e| e.secret.plaintext().map(password_credential)));
+    }
+    // (the secret to check against, the secret the server stores if that is what it is)
+    let lookup = match entry {
+        Some(_) => None,
+        None => rt.lookup_request(database),
+    };
+    let looked_up = match &lookup {
+        None => None,
+        Some(req) => match shared.lookup.secret(req, user).await {
+            Found::Secret(secret) => Some(secret),
+            Found::NotFound => None,
+            Found::Failed => {
                 return Err(LoginError::new(
                     "28000",
-                    format!("role \"{user}\" is not permitted to log in through tidepool"),
+                    "authentication lookup failed; see tidepool's log",
                     RejectReason::auth,
-                ));
+                ))
             }
-            Ok(entry.and_then(|e| e.secret.plaintext().map(str::to_string)))
+        },
+    };
+    // What SCRAM verifies against (a listed plaintext password: its precomputed verifier),
+    // and what the md5 check uses.
+    let (scram_secret, md5_secret) = match (entry, &looked_up) {
+        (Some(e), _) => (Some(&e.scram_secret), Some(&e.secret)),
+        (None, Some(s)) => (Some(s), Some(s)),
+        (None, None) => (None, None),
+    };
+    let use_scram = match rt.config.auth.method {
+        AuthMethod::ScramSha256 => true,
+        // Postgres does SCRAM for a SCRAM verifier even where md5 is asked for.
+        _ => matches!(md5_secret, Some(Secret::Scram(_))),
+    };
+    let result = if use_scram {
+        scram_exchange(sock, user, scram_secret).await.map(|keys| {
+            match md5_secret.and_then(Secret::plaintext) {
+                Some(p) => Some(password_credential(p)),
+                // The server's own verifier (listed or looked up): pass the keys through.
+                None => keys.map(ServerCredential::Scram),
+            }
+        })
+    } else {
+        let salt: [u8; 4] = rand::random();
+        let mut out = BytesMut::new();
+        protocol::auth_md5(&mut out, salt);
+        sock.write_all(&out).await.map_err(|_| failed())?;
+        let body = read_password_message(sock).await?;
+        let response = body.strip_suffix(&[0]).unwrap_or(&body);
+        match md5_secret {
+            Some(secret) if md5_verify(secret, user, salt, response) => Ok(match secret {
+                Secret::Plain(p) => Some(password_credential(p)),
+                Secret::Md5(hash) => Some(ServerCredential::Md5Hash(*hash)),
+                Secret::Scram(_) => None,
+            }),
+            _ => Err(AuthFailure::Refused),
         }
-        AuthMethod::Md5 => {
-            let salt: [u8; 4] = rand::random();
-            let mut out = BytesMut::new();
-            protocol::auth_md5(&mut out, salt);
-            sock.write_all(&out).await.map_err(|_| failed())?;
-            let body = read_password_message(sock).await?;
-            let response = body.strip_suffix(&[0]).unwrap_or(&body);
-            match entry {
-                Some(e) if md5_verify(&e.secret, user, salt, response) => {
-                    Ok(e.secret.plaintext().map(str::to_string))
-                }
-                _ => Err(failed()),
+    };
+    match result {
+        Ok(credential) => Ok(credential),
+        Err(failure) => {
+            // A looked-up secret that failed may be stale (the password changed): look the
+            // user up afresh at the next login.
+            if let (Some(req), Some(_)) = (&lookup, &looked_up) {
+                shared.lookup.forget(req, user);
             }
-        }
-        AuthMethod::ScramSha256 => {
-            let mut exchange = match entry.and_then(|e| ScramServer::new(&e.scram_secret)) {
-                Some(s) => s,
-                None => ScramServer::mock(user),
-            };
-            let mut out = BytesMut::new();
-            protocol::auth_sasl(&mut out);
-            sock.write_all(&out).await.map_err(|_| failed())?;
-            let body = read_password_message(sock).await?;
-            // SASLInitialResponse: mechanism (cstring), Int32 length, data.
-            let nul = body.iter().position(|&b| b == 0).ok_or_else(|| {
-                LoginError::new(
-                    "08P01",
-                    "malformed SASLInitialResponse",
-                    RejectReason::protocol,
-                )
-            })?;
-            if &body[..nul] != b"SCRAM-SHA-256" {
-                return Err(LoginError::new(
-                    "28000",
-                    "client selected an invalid SASL authentication mechanism",
-                    RejectReason::auth,
-                ));
-            }
-            let rest = &body[nul + 1..];
-            if rest.len() < 4 {
-                return Err(LoginError::new(
-                    "08P01",
-                    "malformed SASLInitialResponse",
-                    RejectReason::protocol,
-                ));
-            }
-            let data = &rest[4..];
-            let first = exchange.client_first(data).map_err(|e| {
-                tracing::debug!(error = %e, "SCRAM client-first rejected");
-                failed()
-            })?;
-            out.clear();
-            protocol::auth_sasl_continue(&mut out, &first);
-            sock.write_all(&out).await.map_err(|_| failed())?;
-            let body = read_password_message(sock).await?;
-            let last = exchange.client_final(&body).map_err(|e| {
-                tracing::debug!(error = %e, "SCRAM client-final rejected");
-                failed()
-            })?;
-            out.clear();
-            protocol::auth_sasl_final(&mut out, &last);
-            sock.write_all(&out).await.map_err(|_| failed())?;
-            Ok(entry.and_then(|e| e.secret.plaintext().map(str::to_string)))
+            Err(match failure {
+                AuthFailure::Refused => failed(),
+                AuthFailure::Login(e) => e,
+            })
         }
     }
+}
+
+fn password_credential(p: &str) -> ServerCredential {
+    ServerCredential::Password(p.to_string())
+}
+
+enum AuthFailure {
+    /// The password did not match (or the user is unknown): the uniform 28P01.
+    Refused,
+    /// Another refusal with its own message (protocol errors, a lost connection).
+    Login(LoginError),
+}
+
+/// The SCRAM-SHA-256 exchange with the client, against `secret` (a mock one when there is
+/// none, or one that cannot do SCRAM). Returns the keys the client's proof revealed.
+async fn scram_exchange(
+    sock: &mut ClientStream,
+    user: &str,
+    secret: Option<&Secret>,
+) -> Result<Option<ScramKeys>, AuthFailure> {
+    let mut exchange = match secret.and_then(ScramServer::new) {
+        Some(s) => s,
+        None => ScramServer::mock(user),
+    };
+    let lost = |_| {
+        AuthFailure::Login(LoginError::new(
+            "08006",
+            "connection lost during authentication",
+            RejectReason::auth,
+        ))
+    };
+    let malformed = || {
+        AuthFailure::Login(LoginError::new(
+            "08P01",
+            "malformed SASLInitialResponse",
+            RejectReason::protocol,
+        ))
+    };
+    let mut out = BytesMut::new();
+    protocol::auth_sasl(&mut out);
+    sock.write_all(&out).await.map_err(lost)?;
+    let body = read_password_message(sock)
+        .await
+        .map_err(AuthFailure::Login)?;
+    // SASLInitialResponse: mechanism (cstring), Int32 length, data.
+    let nul = body.iter().position(|&b| b == 0).ok_or_else(malformed)?;
+    if &body[..nul] != b"SCRAM-SHA-256" {
+        return Err(AuthFailure::Login(LoginError::new(
+            "28000",
+            "client selected an invalid SASL authentication mechanism",
+            RejectReason::auth,
+        )));
+    }
+    let rest = &body[nul + 1..];
+    if rest.len() < 4 {
+        return Err(malformed());
+    }
+    let first = exchange.client_first(&rest[4..]).map_err(|e| {
+        tracing::debug!(error = %e, "SCRAM client-first rejected");
+        AuthFailure::Refused
+    })?;
+    out.clear();
+    protocol::auth_sasl_continue(&mut out, &first);
+    sock.write_all(&out).await.map_err(lost)?;
+    let body = read_password_message(sock)
+        .await
+        .map_err(AuthFailure::Login)?;
+    let last = exchange.client_final(&body).map_err(|e| {
+        tracing::debug!(error = %e, "SCRAM client-final rejected");
+        AuthFailure::Refused
+    })?;
+    out.clear();
+    protocol::auth_sasl_final(&mut out, &last);
+    sock.write_all(&out).await.map_err(lost)?;
+    Ok(exchange.pass_through_keys())
 }
 
 /// Read a PasswordMessage / SASL response ('p') during login.

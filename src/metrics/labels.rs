@@ -55,6 +55,25 @@ pub enum RejectReason {
     protocol,
 }
 
+/// `outcome` label of `tidepool_auth_lookups_total` (DESIGN.md section 11).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum LookupOutcome {
+    /// Looked up in Postgres: a secret was found.
+    found,
+    /// Looked up: no such user, or one that cannot log in (NOLOGIN, expired, no password).
+    not_found,
+    /// The lookup itself failed (connection, permission, query): the login was refused.
+    error,
+    /// A secret found earlier was reused (`auth.lookup_cache`).
+    cached,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabel {
+    pub outcome: LookupOutcome,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabel {
     pub pool: String,

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub closed: Family<PoolReasonLabel, Counter>,
     pub clients: Family<ClientStateLabel, Gauge>,
     pub rejected: Family<RejectLabel, Counter>,
+    pub auth_lookups: Family<LookupLabel, Counter>,
     pub checkout_wait: Family<PoolLabel, AtomicHistogram, fn() -> AtomicHistogram>,
     pub checkout_timeouts: Family<PoolLabel, Counter>,
     pub transactions: Family<PoolLabel, Counter>,
@@ -116,6 +117,20 @@ impl Metrics {
             "Client connections rejected, by reason",
             rejected.clone(),
         );
+        let auth_lookups = Family::<LookupLabel, Counter>::default();
+        registry.register(
+            "tidepool_auth_lookups",
+            "Users looked up in Postgres (auth.lookup_user), by outcome",
+            auth_lookups.clone(),
+        );
+        for outcome in [
+            LookupOutcome::found,
+            LookupOutcome::not_found,
+            LookupOutcome::error,
+            LookupOutcome::cached,
+        ] {
+            drop(auth_lookups.get_or_create(&LookupLabel { outcome }));
+        }
         let checkout_wait =
             Family::<PoolLabel, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
                 new_latency_histogram,
@@ -248,6 +263,7 @@ impl Metrics {
             closed,
             clients,
             rejected,
+            auth_lookups,
             checkout_wait,
             checkout_timeouts,
             transactions,
@@ -368,6 +384,10 @@ impl Metrics {
                 pool: pool.to_string(),
             },
         )
+    }
+
+    pub fn auth_lookup(&self, outcome: LookupOutcome) {
+        handle(&self.auth_lookups, &LookupLabel { outcome }).inc();
     }
 
     pub fn reject(&self, reason: RejectReason) {

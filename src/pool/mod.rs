@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
+use crate::auth::ServerCredential;
 use crate::backend::{self, BackendError, Params, ServerConn, ServerTarget, ShutdownOutcome};
 use crate::config::PoolSettings;
 use crate::metrics::{CloseReason, PoolMetrics};
@@ -497,6 +498,19 @@ impl Pool {
                 }
             });
         }
+    }
+
+    /// Pass-through (DESIGN.md section 11): the credential a client's login revealed (SCRAM
+    /// keys or an md5 hash) answers the next server logins. Open connections stay: they
+    /// have logged in already.
+    pub fn set_credential(&self, credential: &ServerCredential) {
+        if self.target().credential.as_ref() == Some(credential) {
+            return;
+        }
+        let mut t = self.inner.target.write().unwrap_or_else(|e| e.into_inner());
+        let mut target = (**t).clone();
+        target.credential = Some(credential.clone());
+        *t = Arc::new(target);
     }
 
     /// Replace every server connection: idle ones are shut down now (counted as `reason`), the

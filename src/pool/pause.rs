@@ -235,7 +235,7 @@ mod tests {
             attrs: Default::default(),
             dbname: "x".into(),
             user: "x".into(),
-            password: None,
+            credential: None,
             sslmode: crate::tls::SslMode::Disable,
             tls: None,
             tls_id: String::new(),

@@ -226,6 +226,14 @@ pub fn free_port() -> u16 {
 impl TidepoolProcess {
     /// Start the binary with `config` (whose listen/admin addrs are replaced by free ports).
     pub fn start(config: &str) -> TidepoolProcess {
+        Self::start_logging(
+            config,
+            &std::env::var("TIDEPOOL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+    }
+
+    /// [`start`](Self::start) with `rust_log` as its log filter (e.g. `"trace"`).
+    pub fn start_logging(config: &str, rust_log: &str) -> TidepoolProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
@@ -247,10 +255,7 @@ impl TidepoolProcess {
         let child = Command::new(binary())
             .arg("--config")
             .arg(&cfg_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("TIDEPOOL_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -530,5 +535,39 @@ pub fn wait_query_active(pg: &PgCluster, db: &str, prefix: &str) {
             "`{prefix}` never started running in {db}"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run `sql` with psql through `port` as `user` with `password` (libpq answers whatever
+/// authentication is asked for); Ok(output) or Err(psql's error text).
+pub fn psql_as(
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    sql: &str,
+) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            db,
+        ])
+        .args(["-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
