@@ -6,7 +6,9 @@
 Sections: one per pgbench workload (per target: median TPS with min and max, mean latency,
 failed transactions, pooler CPU µs per transaction, ratios to PgBouncer and to direct, and
 to the baseline / to tidepool when the run had the `baseline` (TP_BASELINE) or `tp_timeouts`
-(TP_TIMEOUTS=1) targets), then, with those targets, a table of tidepool ÷ baseline and
+(TP_TIMEOUTS=1) targets; for a workload whose rows carry lat_avg_us / lat_p50_us /
+lat_p99_us, i.e. L1, a second table with the medians over the rounds of each round's average,
+p50 and p99 latency and their ratios to PgBouncer), then, with those targets, a table of tidepool ÷ baseline and
 tp_timeouts ÷ tidepool per workload; the idle-client memory table, the /metrics scrape cost,
 and the targets of the benchmark issue with met/missed. Targets other than direct, pgbouncer
 and tidepool are shown after those three, in the order they first appear in the TSV.
@@ -33,6 +35,7 @@ WORKLOADS = {
     "CS16": "-C -S -c 16 (new connection per transaction)",
     "SL16": "-f set_local.sql -c 16 (BEGIN; SET LOCAL statement_timeout; SELECT; END)",
     "US16": "-S -c 16 over each target's Unix socket",
+    "L1": "-S -c 1 -j 1 (one client: latency)",
 }
 # (numerator, denominator) of the extra ratio columns, shown when the run has the target.
 PAIRS = [("tidepool", "baseline"), ("tp_timeouts", "tidepool")]
@@ -68,8 +71,8 @@ def fr(x):
 
 def paired_ratio(num_rows, den_rows, key):
     """Per-round ratios num/den of column key (rounds run back to back): 'median (min … max)'."""
-    den = {r["round"]: num(r[key]) for r in den_rows}
-    rs = [ratio(num(r[key]), den.get(r["round"])) for r in num_rows]
+    den = {r["round"]: num(r.get(key)) for r in den_rows}
+    rs = [ratio(num(r.get(key)), den.get(r["round"])) for r in num_rows]
     rs = [x for x in rs if x is not None]
     if not rs:
         return "n/a"
@@ -119,6 +122,11 @@ def main():
                 "failed": sum(int(num(r["failed"]) or 0) for r in rs),
                 "bad_rc": sum(1 for r in rs if r["rc"] not in ("0", "")),
                 "cpu": med([num(r["cpu_us_per_txn"]) for r in rs]),
+                # From pgbench --log (workloads that log each transaction, e.g. L1): the
+                # medians over the rounds of each round's average, p50 and p99, in µs.
+                "lat_avg": med([num(r.get("lat_avg_us")) for r in rs]),
+                "lat_p50": med([num(r.get("lat_p50_us")) for r in rs]),
+                "lat_p99": med([num(r.get("lat_p99_us")) for r in rs]),
             }
             stats[t] = s
             summary[(workload, mode, t)] = s
@@ -137,6 +145,27 @@ def main():
                 f"{fr(ratio(s['cpu'], pb['cpu'])) if pb and t != 'direct' else '—'} |" + cells
             )
         out.append("")
+        if any(s["lat_avg"] is not None for s in stats.values()):
+            out.append(f"Latency per transaction, `{workload} -M {mode}` (µs, from `pgbench --log`: each "
+                       "round's average, p50 and p99 over all its transactions, then the median over "
+                       "the rounds; per round: the median (min … max) of the ratios of rounds run back "
+                       "to back):\n")
+            out.append("| target | runs | avg µs | p50 µs | p99 µs | avg ÷ PgBouncer | p99 ÷ PgBouncer | "
+                       "avg ÷ PgBouncer per round | p99 ÷ PgBouncer per round |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            pbr = bench.get((workload, mode, "pgbouncer"), [])
+            for t, s in stats.items():
+                pb = stats.get("pgbouncer")
+                rs = bench[(workload, mode, t)]
+                both = pb and t != "pgbouncer"
+                out.append(
+                    f"| {LABEL.get(t, t)} | {s['runs']} | {f(s['lat_avg'], 1)} | {f(s['lat_p50'])} | {f(s['lat_p99'])} | "
+                    f"{fr(ratio(s['lat_avg'], pb['lat_avg'])) if pb else 'n/a'} | "
+                    f"{fr(ratio(s['lat_p99'], pb['lat_p99'])) if pb else 'n/a'} | "
+                    f"{paired_ratio(rs, pbr, 'lat_avg_us') if both else '—'} | "
+                    f"{paired_ratio(rs, pbr, 'lat_p99_us') if both else '—'} |"
+                )
+            out.append("")
 
     # This build against the baseline, and the cost of the timeouts.
     pairs = [(n, den) for n, den in PAIRS if n in present and den in present]
