@@ -10,7 +10,10 @@ to the baseline / to tidepool when the run had the `baseline` (TP_BASELINE) or `
 lat_p99_us, i.e. L1, a second table with the medians over the rounds of each round's average,
 p50 and p99 latency and their ratios to PgBouncer), then, with those targets, a table of tidepool ÷ baseline and
 tp_timeouts ÷ tidepool per workload; the idle-client memory table, the /metrics scrape cost,
-and the targets of the benchmark issue with met/missed. Targets other than direct, pgbouncer
+and the targets of the benchmark issue with met/missed. A pinned run (PIN_CPUS / PIN_SWEEP)
+writes `meta pin` rows (clients = number of CPUs, note = cpus=LIST;workers=N): they label
+the targets with their CPUs and add a "Pooler cores" table, TPS of each pinned tidepool
+÷ PgBouncer's on one core, per workload. Targets other than direct, pgbouncer
 and tidepool are shown after those three, in the order they first appear in the TSV.
 Standard library only.
 """
@@ -81,6 +84,21 @@ def paired_ratio(num_rows, den_rows, key):
 
 def main():
     rows = list(csv.DictReader(open(sys.argv[1], newline=""), delimiter="\t"))
+    # Pinning (bench/run PIN_CPUS / PIN_SWEEP): `meta pin` rows, clients = number of CPUs,
+    # note = cpus=LIST;workers=N. They label the targets and make the pooler-cores table.
+    pin = {}
+    for r in rows:
+        if r["kind"] == "meta" and r["workload"] == "pin":
+            kv = dict(x.split("=", 1) for x in (r.get("note") or "").split(";") if "=" in x)
+            pin[r["target"]] = {"cores": int(num(r["clients"]) or 0), "cpus": kv.get("cpus", "?"),
+                                "workers": kv.get("workers", "?")}
+    for t, p in pin.items():
+        if t == "pgbouncer":
+            LABEL[t] = f"PgBouncer (CPU {p['cpus']})"
+        elif t in LABEL or t.startswith("tp_c"):
+            base = LABEL.get(t, "tidepool")
+            LABEL[t] = (f"{base}, {p['cores']} core{'s' if p['cores'] != 1 else ''} "
+                        f"(CPUs {p['cpus']}, workers = {p['workers']})")
     bench = defaultdict(list)  # (workload, mode, target) -> rows
     order = []
     targets = list(TARGETS)  # direct, pgbouncer, tidepool, then any other in TSV order
@@ -166,6 +184,27 @@ def main():
                     f"{paired_ratio(rs, pbr, 'lat_p99_us') if both else '—'} |"
                 )
             out.append("")
+
+    # Pooler cores: PgBouncer (one thread, one CPU) against each pinned tidepool, per workload.
+    cored = sorted((p["cores"], t) for t, p in pin.items()
+                   if t not in ("pgbouncer", "postgres+pgbench") and t in present)
+    if pin and cored:
+        rest = pin.get("postgres+pgbench")
+        out.append("### Pooler cores (taskset)\n")
+        out.append(f"Each pooler pinned with taskset (the targets take turns, one at a time), Postgres and pgbench to the other "
+                   f"{rest['cores'] if rest else '?'} (CPUs {rest['cpus'] if rest else '?'}). "
+                   "TPS medians; in brackets the ratio to PgBouncer on one core.\n")
+        out.append("| workload | mode | PgBouncer, 1 core | " +
+                   " | ".join(LABEL.get(t, t) for _, t in cored) + " |")
+        out.append("|---|---|---:|" + "---:|" * len(cored))
+        for workload, mode in order:
+            pb = summary.get((workload, mode, "pgbouncer"))
+            cells = []
+            for _, t in cored:
+                s = summary.get((workload, mode, t))
+                cells.append(f"{f(s['tps'])} ({fr(ratio(s['tps'], pb['tps'])) if pb else 'n/a'})" if s else "n/a")
+            out.append(f"| {workload} | {mode} | {f(pb['tps']) if pb else 'n/a'} | " + " | ".join(cells) + " |")
+        out.append("")
 
     # This build against the baseline, and the cost of the timeouts.
     pairs = [(n, den) for n, den in PAIRS if n in present and den in present]
