@@ -274,14 +274,6 @@ impl Lookup {
             }
         }
     }
-
-    /// Open lookup connections (tests and `/status`).
-    pub fn open_connections(&self) -> usize {
-        lock(&self.conns)
-            .values()
-            .filter(|s| s.try_lock().map_or(true, |c| c.is_some()))
-            .count()
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

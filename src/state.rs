@@ -209,8 +209,10 @@ impl Shared {
             // Pass-through: the latest login's keys answer the next server logins (a
             // password changed in Postgres reaches new server connections this way).
             if let Some(c) = credential.filter(|c| !matches!(c, ServerCredential::Password(_))) {
-                if target_for(rt, database, user, Some(c.clone()))
-                    .is_some_and(|t| t.credential.as_ref() == Some(c))
+                // (Only when they changed: resolving the target allocates.)
+                if p.target().credential.as_ref() != Some(c)
+                    && target_for(rt, database, user, Some(c.clone()))
+                        .is_some_and(|t| t.credential.as_ref() == Some(c))
                 {
                     p.set_credential(c);
                 }
