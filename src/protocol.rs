@@ -62,7 +62,8 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
             "wrong length for request code",
         )),
         PROTOCOL_V3 => {
-            let mut params = Vec::new();
+            // libpq sends four to six parameters: one allocation, not a growing vector.
+            let mut params = Vec::with_capacity(8);
             let mut rest = &body[4..];
             loop {
                 let Some(nul) = rest.iter().position(|&b| b == 0) else {

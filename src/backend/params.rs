@@ -54,8 +54,9 @@ fn is_special(key: &str) -> bool {
 }
 
 /// The settings a client asked for in its startup packet, `options` included.
-pub fn desired_settings(startup: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
-    let mut out: Vec<(String, String)> = Vec::new();
+pub fn desired_settings(startup: Vec<(String, String)>) -> Result<Vec<(String, String)>, String> {
+    // Consumes the startup list: its strings move, they are not copied (a login's hot path).
+    let mut out: Vec<(String, String)> = Vec::with_capacity(startup.len());
     let mut push = |k: String, v: String| {
         if let Some(slot) = out.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&k)) {
             slot.1 = v;
@@ -65,11 +66,11 @@ pub fn desired_settings(startup: &[(String, String)]) -> Result<Vec<(String, Str
     };
     for (k, v) in startup {
         if k == "options" {
-            for (ok, ov) in crate::protocol::parse_options(v)? {
+            for (ok, ov) in crate::protocol::parse_options(&v)? {
                 push(ok, ov);
             }
-        } else if !is_special(k) {
-            push(k.clone(), v.clone());
+        } else if !is_special(&k) {
+            push(k, v);
         }
     }
     Ok(out)
@@ -327,7 +328,7 @@ mod tests {
             ("application_name".to_string(), "app".to_string()),
             ("options".to_string(), "-c statement_timeout=5s".to_string()),
         ];
-        let d = desired_settings(&startup).unwrap();
+        let d = desired_settings(startup.clone()).unwrap();
         assert_eq!(
             d,
             vec![

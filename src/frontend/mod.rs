@@ -325,7 +325,7 @@ async fn handshake(
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    let desired = params::desired_settings(&params)
+    let desired = params::desired_settings(params)
         .map_err(|m| LoginError::new("22023", m, RejectReason::protocol))?;
     let console = crate::console::is_console_database(&database);
     // Unknown database: answer before authentication, as Postgres effectively does.

@@ -28,9 +28,11 @@ impl Pool {
         baseline: &Arc<Params>,
         desired: Vec<(String, String)>,
     ) -> (ClientParams, bytes::Bytes) {
-        if let Some(g) = lock(&self.inner.greeting).clone() {
+        // Compared in place: cloning the cached greeting first would copy its `desired` list,
+        // three allocations per login for nothing.
+        if let Some(g) = lock(&self.inner.greeting).as_ref() {
             if Arc::ptr_eq(&g.baseline, baseline) && g.desired == desired {
-                return (g.params, g.status);
+                return (g.params.clone(), g.status.clone());
             }
         }
         let mut params = ClientParams::initial(Some(baseline), baseline, desired.clone());
