@@ -63,7 +63,7 @@ fn startup_body(body: &[u8]) {
                 }
             }
             // What login does with them.
-            if let Ok(settings) = params::desired_settings(&params) {
+            if let Ok(settings) = params::desired_settings(params) {
                 for (k, v) in &settings {
                     let _ = protocol::quote_ident(k);
                     let _ = protocol::quote_literal(v);
