@@ -4,6 +4,7 @@
 //! Errors name the file, the key and what is wrong, because the process exits 64 on them and an
 //! operator must be able to fix the file from the message alone.
 
+mod budget;
 mod database;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::budget::BudgetConfig;
 pub use self::database::{DatabaseConfig, Ports, TargetSessionAttrs};
 
 /// A configuration error, already worded for the operator.
@@ -33,6 +35,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Key: the database name clients ask for; `"*"` is the fallback.
     pub databases: BTreeMap<String, DatabaseConfig>,
+    /// `[budget]`: a server-connection budget shared with other instances (section 12).
+    pub budget: Option<BudgetConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -517,6 +521,9 @@ impl Config {
                     "required with sslmode verify-ca or verify-full",
                 );
             }
+        }
+        if let Some(b) = &self.budget {
+            b.validate(self)?;
         }
         for name in self.databases.keys() {
             let s = self.pool_settings(name);
