@@ -16,7 +16,9 @@
 //! 1. [`backend`]: server connections: login, protocol state, recovery, explicit shutdown and
 //!    the `Drop` leak detector; session parameters and the statements a server has prepared.
 //! 2. [`pool`]: per (database, user) pools, the checkout guard, the closer task, upkeep, the
-//!    cached greeting; [`cancel`]: tidepool's cancel keys mapped to the server a client holds.
+//!    cached greeting; [`cancel`]: tidepool's cancel keys mapped to the server a client holds;
+//!    [`budget`]: the fleet-wide server-connection budget (the control connection, its
+//!    advisory-lock slots and the fair-share rule), which the pool consults.
 //! 3. [`state`]: what every task shares: config snapshot, pools, metrics, phase; reload.
 //! 4. [`frontend`]: startup, login and the relay; [`admin`]: the HTTP endpoint (`/livez`,
 //!    `/readyz`, `/metrics`, `/status`); [`console`]: the PgBouncer-compatible admin console
@@ -27,6 +29,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod budget;
 pub mod cancel;
 pub mod config;
 pub mod console;

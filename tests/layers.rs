@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "unix_socket",
     ],
     &["backend"],
-    &["pool", "cancel"],
+    &["pool", "cancel", "budget"],
     &["state"],
     &["frontend", "admin", "console"],
     &["server"],
