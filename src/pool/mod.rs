@@ -357,30 +357,6 @@ impl Pool {
         }
     }
 
-    /// An idle connection that still looks alive (checked with a round trip when unused for
-    /// `server_check_delay`), counted active; `None` if there is none.
-    async fn idle_checkout(&self, settings: &PoolSettings) -> Option<Conn> {
-        let inner = &self.inner;
-        loop {
-            let candidate = lock(&inner.idle).pop_back();
-            let mut conn = candidate?;
-            inner.metrics.idle.dec();
-            let now = Instant::now();
-            if let Some(reason) = inner.unusable(&conn, settings, now) {
-                inner.send_close(conn, reason);
-                continue;
-            }
-            if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay
-                && !inner.check(&mut conn).await
-            {
-                inner.send_close(conn, CloseReason::error);
-                continue;
-            }
-            inner.metrics.active.inc();
-            return Some(conn);
-        }
-    }
-
     /// Open and log in a new server connection, in a task of its own that always completes
     /// (a login cut off half way is an abrupt disconnect for Postgres; `backend::connect`).
     /// The task wraps the connection in its checkout guard, with `permit`, before handing it
