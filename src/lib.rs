@@ -18,7 +18,9 @@
 //!    the `Drop` leak detector; session parameters and the statements a server has prepared.
 //! 2. [`pool`]: per (database, user) pools, the checkout guard, the closer task, upkeep, the
 //!    cached greeting; [`cancel`]: tidepool's cancel keys mapped to the server a client holds;
-//!    [`lookup`]: users looked up in Postgres (`auth.lookup_user`), over a connection of its own.
+//!    [`lookup`]: users looked up in Postgres (`auth.lookup_user`), over a connection of its own;
+//!    [`budget`]: the fleet-wide server-connection budget (the control connection, its
+//!    advisory-lock slots and the fair-share rule), which the pool consults.
 //! 3. [`state`]: what every task shares: config snapshot, pools, metrics, phase; reload.
 //! 4. [`frontend`]: startup, login and the relay; [`admin`]: the HTTP endpoint (`/livez`,
 //!    `/readyz`, `/metrics`, `/status`); [`console`]: the PgBouncer-compatible admin console
@@ -29,6 +31,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod budget;
 pub mod cancel;
 pub mod config;
 pub mod console;

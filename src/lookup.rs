@@ -29,7 +29,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::auth::{Secret, ServerCredential};
 use crate::backend::{open_stream, ServerTarget};
-use crate::metrics::{CloseReason, LookupOutcome, Metrics, PoolMetrics};
+use crate::budget::{Budget, Slot};
+use crate::metrics::{CloseReason, LookupOutcome, Metrics, ServerCloseCounters};
 
 /// At most this many secrets are cached; past it the oldest is forgotten.
 const MAX_CACHED: usize = 10_000;
@@ -83,6 +84,8 @@ pub struct Lookup {
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LookupConn>>>>>,
     /// Set by the drain once the connections are closed: no lookup opens another.
     closed: AtomicBool,
+    /// `[budget]`: a lookup connection is a server connection too, and takes a slot.
+    budget: Option<Arc<Budget>>,
 }
 
 impl std::fmt::Debug for Lookup {
@@ -96,8 +99,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Lookup {
-    pub fn new(metrics: Arc<Metrics>) -> Lookup {
+    pub fn new(metrics: Arc<Metrics>, budget: Option<Arc<Budget>>) -> Lookup {
         Lookup {
+            budget,
             metrics,
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
@@ -215,7 +219,7 @@ impl Lookup {
                 }
             }
             if conn.is_none() {
-                match LookupConn::open(req, &self.metrics).await {
+                match LookupConn::open(req, &self.metrics, self.budget.as_ref()).await {
                     Ok(c) => *conn = Some(c),
                     Err(e) => {
                         tracing::warn!(target = ?req.target, error = %e, "auth lookup failed: cannot log in as auth.lookup_user; the login is refused");
@@ -295,13 +299,20 @@ struct LookupConn {
     query: String,
     /// Drives the connection; true if it ended cleanly (Terminate sent, stream closed).
     task: Option<JoinHandle<bool>>,
-    metrics: PoolMetrics,
+    metrics: ServerCloseCounters,
+    /// Under `[budget]`: the slot this connection holds, given back (dropped) only after
+    /// its shutdown.
+    _slot: Option<Slot>,
     name: String,
     last_used: Instant,
 }
 
 impl LookupConn {
-    async fn open(req: &Request, metrics: &Metrics) -> Result<LookupConn, String> {
+    async fn open(
+        req: &Request,
+        metrics: &Metrics,
+        budget: Option<&Arc<Budget>>,
+    ) -> Result<LookupConn, String> {
         let t = &req.target;
         let Some(ServerCredential::Password(password)) = &t.credential else {
             return Err("auth.lookup_user has no plaintext password".into());
@@ -317,7 +328,20 @@ impl LookupConn {
             // TLS, if any, is negotiated by open_stream as sslmode says.
             .ssl_mode(tokio_postgres::config::SslMode::Disable);
         let name = format!("{}/{}", t.dbname, t.user);
-        let metrics = metrics.pool(&name);
+        // Counted with the server connections, under its own pool label (no pool gauges).
+        let metrics = metrics.server_close_counters(&name);
+        let mut slot = match budget {
+            None => None,
+            Some(b) => match b.take(Instant::now() + req.connect_timeout).await {
+                Some(s) => Some(s),
+                None => {
+                    return Err(format!(
+                        "no [budget] slot for the lookup connection within {:?}",
+                        req.connect_timeout
+                    ))
+                }
+            },
+        };
         let mut last = String::from("no host to connect to");
         for (host, port) in &t.hosts {
             // The login runs in a task of its own: a timeout here does not cut it off half
@@ -367,6 +391,7 @@ impl LookupConn {
                 query: req.query.clone(),
                 task: Some(task),
                 metrics: metrics.clone(),
+                _slot: slot.take(),
                 name: name.clone(),
                 last_used: Instant::now(),
             };
@@ -451,7 +476,7 @@ impl LookupConn {
             },
             None => false,
         };
-        self.metrics.closed(reason).inc();
+        self.metrics.closed[reason as usize].inc();
         if clean {
             self.metrics.shutdown_clean.inc();
         } else {

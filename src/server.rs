@@ -108,6 +108,9 @@ impl Server {
                 }
             })
         });
+        if let Some(b) = &shared.budget {
+            b.start(&shared.tracker);
+        }
         shared.tracker.spawn(upkeep(shared.clone()));
         shared.tracker.spawn(upstream_check(shared.clone()));
         let accept = tokio::spawn(accept_loop(shared.clone(), listener, unix));
@@ -196,14 +199,17 @@ fn spawn_client(shared: &Arc<Shared>, sock: ClientStream, peer: Peer) {
         .spawn(crate::frontend::serve_client(shared, sock, peer, slot));
 }
 
-/// Idle timeouts, lifetimes, min_idle: once a second.
+/// Idle timeouts, lifetimes, min_idle: once a second; and at once when the fleet budget's
+/// cap falls (idle connections above it close).
 async fn upkeep(shared: Arc<Shared>) {
     let drain = shared.shutdown.drain_token();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let budget = shared.budget.clone();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = async { budget.as_ref().expect("guarded").shed_wanted().await }, if budget.is_some() => {}
             _ = drain.cancelled() => return,
         }
         for pool in shared.pools() {
@@ -225,7 +231,9 @@ const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Readiness (DESIGN.md section 5): ready when the upstream accepted a real login at the last
 /// check, or a server connection answered since the one before (a transaction completed: no
-/// login needed then). The login uses no pool slot, runs as each pool's server user (or a
+/// login needed then). Under a fleet budget the control connection stands in for the login
+/// (it is a real login that answers a round trip at least every second, and a login outside
+/// the budget would break it). The login uses no pool slot, runs as each pool's server user (or a
 /// database entry's configured `user`), and ends with the explicit shutdown. Only when no
 /// credentials are known yet (no pool, no configured user) does a TCP connect stand in.
 async fn upstream_check(shared: Arc<Shared>) {
@@ -235,7 +243,11 @@ async fn upstream_check(shared: Arc<Shared>) {
         let transactions = shared.metrics.total("tidepool_transactions_total");
         let answered = transactions > last_transactions;
         last_transactions = transactions;
-        let ok = answered || login_check(&shared).await;
+        let ok = answered
+            || match &shared.budget {
+                Some(b) => b.control_ok(),
+                None => login_check(&shared).await,
+            };
         let was = shared.upstream_ok.swap(ok, Ordering::Relaxed);
         if was != ok {
             if ok {
@@ -360,6 +372,10 @@ async fn drain(shared: &Arc<Shared>, accept: tokio::task::JoinHandle<()>) -> Dra
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     shared.stop_closer();
+    // The budget's control connection closes last: every slot has come back by now.
+    if let Some(b) = &shared.budget {
+        b.stop();
+    }
     shared.tracker.close();
     if tokio::time::timeout(
         cfg.server_close_timeout + Duration::from_secs(2),

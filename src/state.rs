@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{ScramVerifier, Secret, ServerCredential};
 use crate::backend::statements::Registry;
 use crate::backend::ServerTarget;
+use crate::budget::{Budget, BudgetSettings};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::lookup::{self, Lookup};
@@ -127,6 +128,9 @@ pub struct Shared {
     pub stats_window: Mutex<crate::pool::StatsWindow>,
     /// Users looked up in Postgres (`auth.lookup_user`).
     pub lookup: Arc<Lookup>,
+    /// `[budget]`: the fleet budget every pool consults (fixed at start: adding or removing
+    /// the table needs a restart; its values reload).
+    pub budget: Option<Arc<Budget>>,
 }
 
 impl Shared {
@@ -137,8 +141,12 @@ impl Shared {
         let closer_stop = CancellationToken::new();
         let closer = Closer::start(&tracker, closer_stop.clone());
         let metrics = Arc::new(Metrics::new());
+        let budget = rt.budget_settings().map(|b| {
+            let counters = metrics.server_close_counters(&b.label);
+            Budget::new(b, metrics.budget.clone(), counters)
+        });
         Shared {
-            lookup: Arc::new(Lookup::new(metrics.clone())),
+            lookup: Arc::new(Lookup::new(metrics.clone(), budget.clone())),
             runtime: RwLock::new(Arc::new(rt)),
             source,
             pools: Mutex::new(HashMap::new()),
@@ -156,6 +164,7 @@ impl Shared {
             addr_overrides: Mutex::new((None, None)),
             pauses: PauseSet::default(),
             stats_window: Mutex::new(crate::pool::StatsWindow::new(Instant::now())),
+            budget,
         }
     }
 
@@ -235,7 +244,8 @@ impl Shared {
             self.closer.clone(),
             self.tracker.clone(),
             rt.config.drain.server_close_timeout,
-        );
+        )
+        .with_budget(self.budget.clone());
         tracing::info!(pool = %name, "pool created");
         if self.pauses.covers(database) {
             pool.pause(&self.shutdown.drain_token());
@@ -319,6 +329,14 @@ impl Shared {
             tracing::warn!("runtime.workers changes take effect only after a restart");
         }
         let rt = Arc::new(Runtime::new(config)?);
+        match (&self.budget, rt.budget_settings()) {
+            (Some(b), Some(new)) => {
+                let counters = self.metrics.server_close_counters(&new.label);
+                b.reconfigure(new, counters);
+            }
+            (None, None) => {}
+            _ => tracing::warn!("adding or removing [budget] takes effect only after a restart"),
+        }
         for ((database, user), pool) in self.pools.lock().unwrap_or_else(|e| e.into_inner()).iter()
         {
             let Some((entry_name, _)) = rt.config.database_entry(database) else {
@@ -368,6 +386,21 @@ impl Runtime {
             connect_timeout: settings.connect_timeout,
             close_timeout: self.config.drain.server_close_timeout,
         })
+    }
+
+    /// The `[budget]` settings, with the control connection's target, if configured.
+    pub fn budget_settings(&self) -> Option<BudgetSettings> {
+        let b = self.config.budget.as_ref()?;
+        let entry = self.config.databases.get(&b.control_database)?;
+        let user = entry.user.as_deref()?;
+        let target = target_for(self, &b.control_database, user, None)?;
+        let pool = self.config.pool_settings(&b.control_database);
+        Some(BudgetSettings::new(
+            b,
+            target,
+            pool.connect_timeout,
+            self.config.drain.server_close_timeout,
+        ))
     }
 
     /// Server logins the readiness check can make before any pool exists: each database

@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "unix_socket",
     ],
     &["backend"],
-    &["pool", "cancel", "lookup"],
+    &["pool", "cancel", "lookup", "budget"],
     &["state"],
     &["frontend", "admin", "console"],
     &["server"],

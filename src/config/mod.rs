@@ -5,6 +5,7 @@
 //! operator must be able to fix the file from the message alone.
 
 mod auth;
+mod budget;
 mod database;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use self::auth::{AuthConfig, AuthMethod, UserConfig, DEFAULT_LOOKUP_QUERY};
+pub use self::budget::BudgetConfig;
 pub use self::database::{DatabaseConfig, Ports, TargetSessionAttrs};
 
 /// A configuration error, already worded for the operator.
@@ -34,6 +36,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Key: the database name clients ask for; `"*"` is the fallback.
     pub databases: BTreeMap<String, DatabaseConfig>,
+    /// `[budget]`: a server-connection budget shared with other instances (section 12).
+    pub budget: Option<BudgetConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -461,6 +465,9 @@ impl Config {
                     "required with sslmode verify-ca or verify-full",
                 );
             }
+        }
+        if let Some(b) = &self.budget {
+            b.validate(self)?;
         }
         for name in self.databases.keys() {
             let s = self.pool_settings(name);

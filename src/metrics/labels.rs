@@ -13,10 +13,13 @@ pub enum CloseReason {
     reset_failed,
     reload,
     forced,
+    /// Closed at its transaction boundary (or while idle) to give a fleet budget's slot back
+    /// to an instance below its fair share (DESIGN.md section 12).
+    budget,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::drain,
         CloseReason::idle_timeout,
         CloseReason::lifetime,
@@ -24,6 +27,7 @@ impl CloseReason {
         CloseReason::reset_failed,
         CloseReason::reload,
         CloseReason::forced,
+        CloseReason::budget,
     ];
 }
 
@@ -177,4 +181,20 @@ pub struct ClientStateLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabel {
     pub reason: RejectReason,
+}
+
+/// `state` label of `tidepool_budget_slots`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum BudgetSlotState {
+    /// Advisory locks this instance holds.
+    held,
+    /// Slots its demand needs beyond those it holds.
+    wanted,
+}
+
+/// Labels of `tidepool_budget_slots`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetSlotLabel {
+    pub state: BudgetSlotState,
 }

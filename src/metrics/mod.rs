@@ -56,6 +56,17 @@ pub struct Metrics {
     pub paused: Family<PoolLabel, Gauge>,
     pub draining: Gauge,
     pub client_gauges: ClientGauges,
+    /// `tidepool_budget_slots{state}` and `tidepool_budget_members` (DESIGN.md section 12).
+    pub budget: BudgetGauges,
+}
+
+/// The fleet budget's gauges, resolved once.
+#[derive(Clone, Debug)]
+pub struct BudgetGauges {
+    pub held: Gauge,
+    pub wanted: Gauge,
+    /// Instances sharing the budget (holding or wanting a slot), as last seen.
+    pub members: Gauge,
 }
 
 /// Client-state gauges, resolved once.
@@ -247,6 +258,33 @@ impl Metrics {
                 },
             ),
         };
+        let budget_slots = Family::<BudgetSlotLabel, Gauge>::default();
+        registry.register(
+            "tidepool_budget_slots",
+            "Fleet budget: slots (advisory locks) this instance holds, and slots its demand needs beyond them",
+            budget_slots.clone(),
+        );
+        let members = Gauge::default();
+        registry.register(
+            "tidepool_budget_members",
+            "Fleet budget: instances sharing the budget (holding or wanting a slot), as last seen",
+            members.clone(),
+        );
+        let budget = BudgetGauges {
+            held: handle(
+                &budget_slots,
+                &BudgetSlotLabel {
+                    state: BudgetSlotState::held,
+                },
+            ),
+            wanted: handle(
+                &budget_slots,
+                &BudgetSlotLabel {
+                    state: BudgetSlotState::wanted,
+                },
+            ),
+            members,
+        };
         for reason in [
             RejectReason::max_clients,
             RejectReason::auth,
@@ -280,6 +318,7 @@ impl Metrics {
             paused,
             draining,
             client_gauges,
+            budget,
         }
     }
 
@@ -388,6 +427,43 @@ impl Metrics {
 
     pub fn auth_lookup(&self, outcome: LookupOutcome) {
         handle(&self.auth_lookups, &LookupLabel { outcome }).inc();
+    }
+
+    /// The close counters of a server connection outside the pools (the budget's control
+    /// connection), counted under `pool`: the same series a pool's closes use.
+    pub fn server_close_counters(&self, pool: &str) -> ServerCloseCounters {
+        ServerCloseCounters {
+            leaked: self.leaked_counter(pool),
+            opened: handle(
+                &self.opened,
+                &PoolLabel {
+                    pool: pool.to_string(),
+                },
+            ),
+            closed: CloseReason::ALL.map(|reason| {
+                handle(
+                    &self.closed,
+                    &PoolReasonLabel {
+                        pool: pool.to_string(),
+                        reason,
+                    },
+                )
+            }),
+            shutdown_clean: handle(
+                &self.shutdowns,
+                &PoolOutcomeLabel {
+                    pool: pool.to_string(),
+                    outcome: ShutdownOutcomeLabel::clean,
+                },
+            ),
+            shutdown_hard: handle(
+                &self.shutdowns,
+                &PoolOutcomeLabel {
+                    pool: pool.to_string(),
+                    outcome: ShutdownOutcomeLabel::hard,
+                },
+            ),
+        }
     }
 
     pub fn reject(&self, reason: RejectReason) {
@@ -500,7 +576,7 @@ pub struct PoolMetrics {
     pub active: Gauge,
     pub closing: Gauge,
     pub opened: Counter,
-    pub closed: [Counter; 7],
+    pub closed: [Counter; 8],
     pub checkout_wait: AtomicHistogram,
     pub checkout_timeouts: Counter,
     pub transactions: Counter,
@@ -520,6 +596,17 @@ pub struct PoolMetrics {
     pub timeouts: [Counter; 3],
     /// `tidepool_server_checks_total`, indexed by `CheckOutcome`.
     pub server_checks: [Counter; 2],
+}
+
+/// The opened, closed, shutdown-outcome and leak counters of one server connection outside the
+/// pools.
+#[derive(Clone, Debug)]
+pub struct ServerCloseCounters {
+    pub leaked: Counter,
+    pub opened: Counter,
+    pub closed: [Counter; 8],
+    pub shutdown_clean: Counter,
+    pub shutdown_hard: Counter,
 }
 
 /// One pool's `tidepool_session_state_total` series, created on first use (a cold path: a

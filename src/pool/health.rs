@@ -1,12 +1,14 @@
 //! A pool's view of its servers' health: the last failed connect (`server_login_retry`), the
-//! round trip that checks a connection idle for `server_check_delay`, and the failover
-//! reaction to a read-only server (`25006`) under `target_session_attrs` (DESIGN.md section 9).
+//! round trip that checks a connection idle for `server_check_delay` (and taking an idle one
+//! at checkout), and the failover reaction to a read-only server (`25006`) under
+//! `target_session_attrs` (DESIGN.md section 9).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{lock, CheckoutError, Conn, Pool, PoolInner};
 use crate::backend::{BackendError, ServerConn};
+use crate::config::PoolSettings;
 use crate::metrics::{CheckOutcome, CloseReason};
 
 /// A failed connect, remembered for `server_login_retry`.
@@ -63,6 +65,30 @@ impl PoolInner {
 }
 
 impl Pool {
+    /// An idle connection that still looks alive (checked with a round trip when unused for
+    /// `server_check_delay`), counted active; `None` if there is none.
+    pub(super) async fn idle_checkout(&self, settings: &PoolSettings) -> Option<Conn> {
+        let inner = &self.inner;
+        loop {
+            let candidate = lock(&inner.idle).pop_back();
+            let mut conn = candidate?;
+            inner.metrics.idle.dec();
+            let now = Instant::now();
+            if let Some(reason) = inner.unusable(&conn, settings, now) {
+                inner.send_close(conn, reason);
+                continue;
+            }
+            if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay
+                && !inner.check(&mut conn).await
+            {
+                inner.send_close(conn, CloseReason::error);
+                continue;
+            }
+            inner.metrics.active.inc();
+            return Some(conn);
+        }
+    }
+
     /// A server answered `25006` (read-only transaction) on connection `conn_id`: after a
     /// failover the host it is on is no longer the primary. With `target_session_attrs` other
     /// than `any`, every connection of the pool is replaced (idle ones now, the others as they

@@ -6,6 +6,7 @@
 //! that hand-off never runs (the runtime is going away), dropping the queued job releases the
 //! slot, so the pool cannot wedge (the lesson of sqlx issue #1396).
 
+mod budgeted;
 mod closer;
 mod greeting;
 mod health;
@@ -23,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::ServerCredential;
 use crate::backend::{self, BackendError, Params, ServerConn, ServerTarget, ShutdownOutcome};
+use crate::budget::{Budget, Slot};
 use crate::config::PoolSettings;
 use crate::metrics::{CloseReason, PoolMetrics};
 
@@ -88,6 +90,13 @@ pub struct PoolInner {
     pause: Mutex<pause::PauseCtl>,
     /// The last failed connect, if the last connect failed (`server_login_retry`).
     last_failure: Mutex<Option<ConnectFailure>>,
+    /// The fleet budget, if `[budget]` is configured (see `budgeted.rs`).
+    budget: Option<Arc<Budget>>,
+    /// Under a budget: each open server connection's slot, by connection id, dropped after
+    /// the connection's shutdown.
+    slots: Mutex<std::collections::HashMap<u64, Slot>>,
+    /// Under a budget: a connection was parked (a checkout waiting for a slot may use it).
+    parked: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for PoolInner {
@@ -150,8 +159,19 @@ impl Pool {
                 conn_generation: Mutex::new(Default::default()),
                 last_failure: Mutex::new(None),
                 pause: Mutex::new(pause::PauseCtl::new()),
+                budget: None,
+                slots: Mutex::new(Default::default()),
+                parked: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// Put a new pool under the fleet budget: every server connection it opens needs a slot.
+    pub fn with_budget(mut self, budget: Option<Arc<Budget>>) -> Pool {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_budget is called on a new pool")
+            .budget = budget;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -286,8 +306,10 @@ impl Pool {
     }
 
     /// Holding a slot: an idle connection that still looks alive (checked with a round trip
-    /// when unused for `server_check_delay`), else a new one. `deadline` bounds the wait for a
-    /// connect to be allowed again after a failed one (`server_login_retry`).
+    /// when unused for `server_check_delay`), else a new one; under a fleet budget, a new one
+    /// only once a budget slot is ours (or an idle one as soon as one is parked). `deadline`
+    /// bounds the wait for a budget slot and for a connect to be allowed again after a failed
+    /// one (`server_login_retry`).
     async fn with_permit(
         &self,
         permit: OwnedSemaphorePermit,
@@ -295,24 +317,23 @@ impl Pool {
         deadline: Instant,
     ) -> Result<Checkout, CheckoutError> {
         let inner = &self.inner;
-        loop {
-            let candidate = lock(&inner.idle).pop_back();
-            let Some(mut conn) = candidate else { break };
-            inner.metrics.idle.dec();
-            let now = Instant::now();
-            if let Some(reason) = inner.unusable(&conn, settings, now) {
-                inner.send_close(conn, reason);
-                continue;
+        let slot = loop {
+            if let Some(c) = self.idle_checkout(settings).await {
+                return Ok(Checkout::new(c, permit, inner.clone(), Instant::now()));
             }
-            if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay
-                && !inner.check(&mut conn).await
-            {
-                inner.send_close(conn, CloseReason::error);
-                continue;
+            match &inner.budget {
+                None => break None,
+                // Under a budget: a slot before the connect, or a connection parked meanwhile.
+                Some(b) => match inner.budget_slot(b, deadline).await {
+                    Ok(Some(slot)) => break Some(slot),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        inner.metrics.checkout_timeouts.inc();
+                        return Err(e);
+                    }
+                },
             }
-            inner.metrics.active.inc();
-            return Ok(Checkout::new(conn, permit, inner.clone(), Instant::now()));
-        }
+        };
         loop {
             // After a failed connect the next one waits for server_login_retry: clients that
             // ask meanwhile wait for it (up to their checkout_timeout, then they get the last
@@ -331,7 +352,7 @@ impl Pool {
                 continue;
             }
             return self
-                .connect(permit, settings.connect_timeout)
+                .connect(permit, slot, settings.connect_timeout)
                 .await
                 .map_err(CheckoutError::Connect);
         }
@@ -346,6 +367,7 @@ impl Pool {
     async fn connect(
         &self,
         permit: OwnedSemaphorePermit,
+        slot: Option<Slot>,
         connect_timeout: Duration,
     ) -> Result<Checkout, BackendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -375,6 +397,7 @@ impl Pool {
             *lock(&inner.last_failure) = None;
             inner.metrics.opened.inc();
             inner.register_conn(&mut conn, generation);
+            inner.keep_slot(conn.id, slot);
             {
                 let mut b = lock(&inner.baseline);
                 if b.is_none() {
@@ -439,6 +462,9 @@ impl Pool {
             inner.metrics.idle.dec();
             inner.send_close(c, r);
         }
+        if inner.budget.is_some() {
+            inner.shed_idle();
+        }
         // min_idle: open connections while the pool has free slots and too few idle ones.
         loop {
             let idle_now = lock(&inner.idle).len();
@@ -447,6 +473,14 @@ impl Pool {
             }
             let Ok(permit) = inner.sem.clone().try_acquire_owned() else {
                 break;
+            };
+            // Under a budget, min_idle uses only slots already held and unused.
+            let slot = match &inner.budget {
+                None => None,
+                Some(b) => match b.try_take() {
+                    Some(s) => Some(s),
+                    None => break,
+                },
             };
             let target = self.target();
             let generation = inner.generation.load(Ordering::Acquire);
@@ -461,6 +495,7 @@ impl Pool {
                 Ok(mut conn) => {
                     inner.metrics.opened.inc();
                     inner.register_conn(&mut conn, generation);
+                    inner.keep_slot(conn.id, slot);
                     inner.return_clean(Box::new(conn), Some(permit));
                 }
                 Err(e) => {
@@ -628,6 +663,9 @@ impl PoolInner {
         } else if self.is_stale(&conn) {
             drop(permit);
             self.send_close(conn, CloseReason::reload);
+        } else if self.budget.is_some() && self.shed_for_budget(&conn) {
+            drop(permit);
+            self.send_close(conn, CloseReason::budget);
         } else {
             self.park(conn, now);
             drop(permit);
@@ -641,6 +679,11 @@ impl PoolInner {
             self.send_close(conn, CloseReason::drain);
             return;
         }
+        if self.budget.is_some() && self.shed_for_budget(&conn) {
+            drop(permit);
+            self.send_close(conn, CloseReason::budget);
+            return;
+        }
         self.park(conn, Instant::now());
         drop(permit);
     }
@@ -649,6 +692,9 @@ impl PoolInner {
         conn.idle_since = now;
         lock(&self.idle).push_back(conn);
         self.metrics.idle.inc();
+        if self.budget.is_some() {
+            self.parked.notify_one();
+        }
     }
 
     fn send_close(self: &Arc<Self>, conn: Conn, reason: CloseReason) {
@@ -665,6 +711,8 @@ impl PoolInner {
     async fn shutdown_conn(&self, conn: Conn, reason: CloseReason) -> ShutdownOutcome {
         let id = conn.id;
         lock(&self.conn_generation).remove(&id);
+        // The budget slot goes back only after the connection has really closed.
+        let slot = self.take_slot(id);
         let outcome = if conn.state.broken && conn.state.partial_to_server.is_some() {
             conn.close_hard();
             ShutdownOutcome::Hard
@@ -677,6 +725,7 @@ impl PoolInner {
             ShutdownOutcome::Hard => self.metrics.shutdown_hard.inc(),
         };
         self.metrics.closing.dec();
+        drop(slot);
         tracing::debug!(conn.id = id, pool = %self.name, ?reason, ?outcome, "server connection closed");
         outcome
     }
