@@ -308,41 +308,15 @@ fn accept_for_keeps_the_door_open_for_a_while() {
     ));
     tp.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
-    let inside = pg_isready_query(tp.port, &db);
+    let inside = tp::psql_as(tp.port, "postgres", "", &db, "SELECT 1");
     assert!(
         inside.is_ok(),
         "a client inside the accept window works: {inside:?}"
     );
     std::thread::sleep(Duration::from_millis(3500));
-    let after = pg_isready_query(tp.port, &db);
+    let after = tp::psql_as(tp.port, "postgres", "", &db, "SELECT 1");
     assert!(after.is_err(), "a client after the window is refused");
     assert_eq!(tp.wait(Duration::from_secs(5)), Some(0), "{}", tp.log());
-}
-
-/// `psql -c 'SELECT 1'` through tidepool.
-fn pg_isready_query(port: u16, db: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-        ])
-        .args(["-c", "SELECT 1"])
-        .env("PGCONNECT_TIMEOUT", "3")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 #[test]
@@ -382,7 +356,7 @@ fn sighup_resizes_under_load_and_rejects_a_broken_file() {
     let (ok, text) = tp::pgbench_output(bench);
     assert!(ok, "{text}");
     assert_eq!(tp::pgbench_failed(&text), Some(0), "{text}");
-    assert!(pg_isready_query(tp.port, &db).is_ok());
+    assert!(tp::psql_as(tp.port, "postgres", "", &db, "SELECT 1").is_ok());
     tp.signal("TERM");
     assert_eq!(tp.wait(Duration::from_secs(10)), Some(0), "{}", tp.log());
 }
