@@ -66,7 +66,7 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
             let mut params = Vec::with_capacity(8);
             let mut rest = &body[4..];
             loop {
-                let Some(nul) = rest.iter().position(|&b| b == 0) else {
+                let Some(nul) = memchr::memchr(0, rest) else {
                     return Err(ProtocolError::StartupLayout("missing terminator"));
                 };
                 if nul == 0 {
@@ -79,7 +79,7 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
                 let name = std::str::from_utf8(&rest[..nul])
                     .map_err(|_| ProtocolError::StartupLayout("parameter name is not UTF-8"))?;
                 rest = &rest[nul + 1..];
-                let Some(vnul) = rest.iter().position(|&b| b == 0) else {
+                let Some(vnul) = memchr::memchr(0, rest) else {
                     return Err(ProtocolError::StartupLayout("missing value"));
                 };
                 let value = std::str::from_utf8(&rest[..vnul])

@@ -105,6 +105,8 @@ pub struct Shared {
     runtime: RwLock<Arc<Runtime>>,
     source: Option<ConfigSource>,
     pools: Mutex<HashMap<(String, String), Pool>>,
+    /// The pool of the latest `pool_for`: (database, user, pool).
+    last_pool: Mutex<Option<(String, String, Pool)>>,
     pub metrics: Arc<Metrics>,
     pub closer: Closer,
     pub cancels: CancelRegistry,
@@ -150,6 +152,7 @@ impl Shared {
             runtime: RwLock::new(Arc::new(rt)),
             source,
             pools: Mutex::new(HashMap::new()),
+            last_pool: Mutex::new(None),
             metrics,
             closer,
             closer_stop,
@@ -212,20 +215,46 @@ impl Shared {
         user: &str,
         credential: Option<&ServerCredential>,
     ) -> Result<Pool, String> {
+        // The latest login's pool, compared without building a key (two allocations and a
+        // hash per login otherwise: the login path, pgbench -C).
+        let cached = match &*self.last_pool.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((d, u, p)) if d == database && u == user => Some(p.clone()),
+            _ => None,
+        };
+        let pool = match cached {
+            Some(p) => p,
+            None => {
+                let p = self.pool_in_map(rt, database, user, credential)?;
+                *self.last_pool.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((database.to_string(), user.to_string(), p.clone()));
+                p
+            }
+        };
+        // Pass-through: the latest login's keys answer the next server logins (a password
+        // changed in Postgres reaches new server connections this way).
+        if let Some(c) = credential.filter(|c| !matches!(c, ServerCredential::Password(_))) {
+            // (Only when they changed: resolving the target allocates.)
+            if pool.target().credential.as_ref() != Some(c)
+                && target_for(rt, database, user, Some(c.clone()))
+                    .is_some_and(|t| t.credential.as_ref() == Some(c))
+            {
+                pool.set_credential(c);
+            }
+        }
+        Ok(pool)
+    }
+
+    /// [`pool_for`](Self::pool_for) past its one-entry cache: the map, or a new pool.
+    fn pool_in_map(
+        &self,
+        rt: &Runtime,
+        database: &str,
+        user: &str,
+        credential: Option<&ServerCredential>,
+    ) -> Result<Pool, String> {
         let key = (database.to_string(), user.to_string());
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pools.get(&key) {
-            // Pass-through: the latest login's keys answer the next server logins (a
-            // password changed in Postgres reaches new server connections this way).
-            if let Some(c) = credential.filter(|c| !matches!(c, ServerCredential::Password(_))) {
-                // (Only when they changed: resolving the target allocates.)
-                if p.target().credential.as_ref() != Some(c)
-                    && target_for(rt, database, user, Some(c.clone()))
-                        .is_some_and(|t| t.credential.as_ref() == Some(c))
-                {
-                    p.set_credential(c);
-                }
-            }
             return Ok(p.clone());
         }
         let (entry_name, _) = rt
@@ -261,6 +290,7 @@ impl Shared {
         if st.idle == 0 && st.active == 0 && pool.baseline().is_none() {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools.retain(|_, p| !Arc::ptr_eq(&p.inner, &pool.inner));
+            *self.last_pool.lock().unwrap_or_else(|e| e.into_inner()) = None;
             // A forgotten pool's pause would outlive every RESUME.
             pool.resume();
         }

@@ -265,6 +265,9 @@ fn the_dashboard_is_a_grafana_model_whose_panels_use_its_variables() {
         "tidepool_client_connections",
         "tidepool_client_connections_rejected_total",
         "tidepool_draining",
+        "tidepool_auth_lookups_total",
+        "tidepool_budget_slots",
+        "tidepool_budget_members",
     ];
     for p in panels(&dash) {
         let title = &p["title"];
