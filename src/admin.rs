@@ -121,6 +121,19 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
             "clients_forced": ld(&stats.clients_forced),
         },
         "server_connections_leaked": shared.metrics.leaked_total(),
+        // `[budget]` only: slots held, in use by server connections, clients waiting for
+        // one, and whether the control connection is up (null without a budget).
+        "budget": shared.budget.as_ref().map(|b| {
+            let s = b.status();
+            json!({
+                "name": b.settings().name,
+                "max_server_connections": b.settings().max,
+                "held": s.held,
+                "used": s.used,
+                "waiting": s.waiting,
+                "connected": s.connected,
+            })
+        }),
     }))
     .into_response()
 }

@@ -122,6 +122,8 @@ async fn metrics_move_under_load_and_match_pool_state() {
     assert_eq!(v["pools"][0]["name"], pool);
     assert_eq!(v["pools"][0]["mode"], "transaction");
     assert_eq!(v["pools"][0]["size"], 3);
+    // No [budget]: no budget object.
+    assert!(v["budget"].is_null(), "{v}");
     assert_eq!(tp.stop().await.leaked, 0);
 }
 

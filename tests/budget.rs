@@ -229,6 +229,17 @@ fn four_instances_never_exceed_the_budget_and_share_it() {
     }
     let seen: Vec<usize> = tps.iter().map(members).collect();
     assert!(seen.iter().all(|&m| m == 4), "members: {seen:?}");
+    // /status shows each instance's part of the budget.
+    for tp in &tps {
+        let (_, body) = tp.http_get("/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let b = &v["budget"];
+        assert_eq!(b["name"], name.as_str(), "{v}");
+        assert_eq!(b["max_server_connections"], BUDGET, "{v}");
+        assert_eq!(b["connected"], true, "{v}");
+        let (held, used) = (b["held"].as_u64().unwrap(), b["used"].as_u64().unwrap());
+        assert!(used <= held && held <= BUDGET as u64, "{v}");
+    }
     let counts: Vec<u64> = benches
         .into_iter()
         .enumerate()
