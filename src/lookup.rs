@@ -24,11 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
-use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::Statement;
 
-use crate::auth::{Secret, ServerCredential};
-use crate::backend::{open_stream, ServerTarget};
+use crate::auth::Secret;
+use crate::backend::client::{connect_own_client, end, OwnClient};
+use crate::backend::ServerTarget;
 use crate::budget::{Budget, Slot};
 use crate::metrics::{CloseReason, LookupOutcome, Metrics, ServerCloseCounters};
 
@@ -292,13 +292,12 @@ enum LookupFailure {
 
 /// One lookup connection: a tokio-postgres client and the task that drives its connection.
 struct LookupConn {
-    client: Option<Client>,
+    /// The client and its connection task (None once shut down).
+    own: Option<OwnClient>,
     /// Prepared once per connection.
     statement: Option<Statement>,
     /// The query `statement` was prepared from (a reload may change it).
     query: String,
-    /// Drives the connection; true if it ended cleanly (Terminate sent, stream closed).
-    task: Option<JoinHandle<bool>>,
     metrics: ServerCloseCounters,
     /// Under `[budget]`: the slot this connection holds, given back (dropped) only after
     /// its shutdown.
@@ -314,23 +313,10 @@ impl LookupConn {
         budget: Option<&Arc<Budget>>,
     ) -> Result<LookupConn, String> {
         let t = &req.target;
-        let Some(ServerCredential::Password(password)) = &t.credential else {
-            return Err("auth.lookup_user has no plaintext password".into());
-        };
-        let mut config = tokio_postgres::Config::new();
-        config
-            .user(&t.user)
-            .password(password)
-            .dbname(&t.dbname)
-            .application_name(APPLICATION_NAME)
-            // Catalog objects only: nothing a user created can shadow pg_authid.
-            .options("-c search_path=pg_catalog")
-            // TLS, if any, is negotiated by open_stream as sslmode says.
-            .ssl_mode(tokio_postgres::config::SslMode::Disable);
         let name = format!("{}/{}", t.dbname, t.user);
         // Counted with the server connections, under its own pool label (no pool gauges).
         let metrics = metrics.server_close_counters(&name);
-        let mut slot = match budget {
+        let slot = match budget {
             None => None,
             Some(b) => match b.take(Instant::now() + req.connect_timeout).await {
                 Some(s) => Some(s),
@@ -342,92 +328,52 @@ impl LookupConn {
                 }
             },
         };
-        let mut last = String::from("no host to connect to");
-        for (host, port) in &t.hosts {
-            // The login runs in a task of its own: a timeout here does not cut it off half
-            // way (that would be an abrupt disconnect for Postgres); a late success is
-            // shut down properly.
-            let config = config.clone();
-            let target = t.clone();
-            let (host, port) = (host.clone(), *port);
-            let login = tokio::spawn(async move {
-                let (_, stream) = open_stream(&target, &host, port)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                config
-                    .connect_raw(stream, NoTls)
-                    .await
-                    .map_err(|e| e.to_string())
-            });
-            let r = tokio::time::timeout(req.connect_timeout, login).await;
-            let (client, connection) = match r {
-                Ok(Ok(Ok(pair))) => pair,
-                Ok(Ok(Err(e))) => {
-                    last = e;
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    last = e.to_string();
-                    continue;
-                }
-                Err(_) => {
-                    last = format!("timed out after {:?}", req.connect_timeout);
-                    continue;
-                }
-            };
-            let task = tokio::spawn(async move {
-                match connection.await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "auth lookup connection ended");
-                        false
-                    }
-                }
-            });
-            metrics.opened.inc();
-            let mut conn = LookupConn {
-                client: Some(client),
-                statement: None,
-                query: req.query.clone(),
-                task: Some(task),
-                metrics: metrics.clone(),
-                _slot: slot.take(),
-                name: name.clone(),
-                last_used: Instant::now(),
-            };
-            let prepared = match conn.client.as_ref() {
-                Some(client) => {
-                    tokio::time::timeout(req.connect_timeout, client.prepare(&req.query)).await
-                }
-                None => continue,
-            };
-            let problem = match prepared {
-                Ok(Ok(st)) if st.params().len() == 1 && st.columns().len() >= 2 => {
-                    conn.statement = Some(st);
-                    return Ok(conn);
-                }
-                Ok(Ok(_)) => "auth.lookup_query must take one parameter ($1, the user name) \
-                              and return (name, secret)"
-                    .to_string(),
-                Ok(Err(e)) => format!("auth.lookup_query: {}", db_error_text(&e)),
-                Err(_) => format!(
-                    "preparing auth.lookup_query timed out after {:?}",
-                    req.connect_timeout
-                ),
-            };
-            conn.shutdown(req.close_timeout, CloseReason::error).await;
-            return Err(problem);
-        }
-        Err(last)
+        // Catalog objects only: nothing a user created can shadow pg_authid.
+        let own = connect_own_client(
+            t,
+            APPLICATION_NAME,
+            Some("-c search_path=pg_catalog"),
+            req.connect_timeout,
+            || {},
+        )
+        .await?;
+        metrics.opened.inc();
+        let prepared =
+            tokio::time::timeout(req.connect_timeout, own.client.prepare(&req.query)).await;
+        let mut conn = LookupConn {
+            own: Some(own),
+            statement: None,
+            query: req.query.clone(),
+            metrics,
+            _slot: slot,
+            name,
+            last_used: Instant::now(),
+        };
+        let problem = match prepared {
+            Ok(Ok(st)) if st.params().len() == 1 && st.columns().len() >= 2 => {
+                conn.statement = Some(st);
+                return Ok(conn);
+            }
+            Ok(Ok(_)) => "auth.lookup_query must take one parameter ($1, the user name) \
+                          and return (name, secret)"
+                .to_string(),
+            Ok(Err(e)) => format!("auth.lookup_query: {}", db_error_text(&e)),
+            Err(_) => format!(
+                "preparing auth.lookup_query timed out after {:?}",
+                req.connect_timeout
+            ),
+        };
+        conn.shutdown(req.close_timeout, CloseReason::error).await;
+        Err(problem)
     }
 
     /// Look `user` up.
     async fn run(&mut self, user: &str, timeout: Duration) -> Result<Found, LookupFailure> {
         self.last_used = Instant::now();
-        let (Some(client), Some(statement)) = (self.client.as_ref(), self.statement.as_ref())
-        else {
+        let (Some(own), Some(statement)) = (self.own.as_ref(), self.statement.as_ref()) else {
             return Err(LookupFailure::Broken("connection closed".into()));
         };
+        let client = &own.client;
         if client.is_closed() {
             return Err(LookupFailure::Broken("connection closed".into()));
         }
@@ -465,15 +411,8 @@ impl LookupConn {
     /// The explicit shutdown: dropping the client makes the connection task send Terminate
     /// and close its stream; that task is awaited, bounded by `timeout`.
     async fn shutdown(mut self, timeout: Duration, reason: CloseReason) {
-        drop(self.client.take());
-        let clean = match self.task.take() {
-            Some(mut task) => match tokio::time::timeout(timeout, &mut task).await {
-                Ok(Ok(clean)) => clean,
-                _ => {
-                    task.abort();
-                    false
-                }
-            },
+        let clean = match self.own.take() {
+            Some(own) => end(own, timeout).await,
             None => false,
         };
         self.metrics.closed[reason as usize].inc();
@@ -490,10 +429,10 @@ impl LookupConn {
 /// shutdown is counted and logged (its task is stopped, which closes the socket).
 impl Drop for LookupConn {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        if let Some(own) = self.own.take() {
             self.metrics.leaked.inc();
             tracing::warn!(pool = %self.name, "auth lookup connection dropped without shutdown");
-            task.abort();
+            own.task.abort();
         }
     }
 }

@@ -5,6 +5,7 @@
 //! for the server's EOF, all bounded) or [`ServerConn::close_hard`]. `Drop` is only a detector;
 //! see the type's docs and DESIGN.md section 1.
 
+pub mod client;
 mod login;
 pub mod params;
 pub mod statements;

@@ -20,15 +20,12 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::policy::{self, Input, Member};
 use super::{lock, Budget, BudgetSettings};
-use crate::auth::ServerCredential;
+use crate::backend::client::connect_own_client;
 use crate::backend::ShutdownOutcome;
-use crate::config::TargetSessionAttrs;
 use crate::metrics::{CloseReason, ServerCloseCounters};
-use crate::tls::SslMode;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -48,7 +45,7 @@ enum End {
     Lost,
 }
 
-pub(super) async fn run(budget: Arc<Budget>, tracker: TaskTracker) {
+pub(super) async fn run(budget: Arc<Budget>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         if budget.stop.is_cancelled() {
@@ -56,7 +53,7 @@ pub(super) async fn run(budget: Arc<Budget>, tracker: TaskTracker) {
         }
         let settings = budget.settings();
         let counters = lock(&budget.counters).clone();
-        match ControlConn::open(&settings, counters, &tracker).await {
+        match ControlConn::open(&settings, counters).await {
             Ok(mut conn) => {
                 backoff = BACKOFF_MIN;
                 tracing::info!(budget = %settings.name, pid = conn.pid, "budget control connection opened");
@@ -299,60 +296,20 @@ impl ControlConn {
     async fn open(
         s: &BudgetSettings,
         counters: ServerCloseCounters,
-        tracker: &TaskTracker,
     ) -> Result<ControlConn, String> {
-        let t = &s.target;
-        let mut cfg = tokio_postgres::Config::new();
-        for (host, port) in &t.hosts {
-            cfg.host(host).port(*port);
-        }
-        cfg.user(&t.user)
-            .dbname(&t.dbname)
-            .application_name(s.application_name())
-            .connect_timeout(s.connect_timeout);
-        // The control database entry's own password (a pass-through credential never
-        // reaches this target: it is built without a client's).
-        if let Some(ServerCredential::Password(p)) = &t.credential {
-            cfg.password(p);
-        }
-        // tokio-postgres knows `any` and `read-write`; `primary` is held to `read-write`.
-        if t.attrs != TargetSessionAttrs::Any {
-            cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
-        }
         let lost = CancellationToken::new();
         let done = lost.clone();
-        let (client, handle) = match (&t.tls, t.sslmode) {
-            (Some(tls), mode) if mode != SslMode::Disable => {
-                cfg.ssl_mode(if mode == SslMode::Prefer {
-                    tokio_postgres::config::SslMode::Prefer
-                } else {
-                    tokio_postgres::config::SslMode::Require
-                });
-                let (client, conn) = cfg
-                    .connect(super::tls::MakeRustls(tls.clone()))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let h = tracker.spawn(async move {
-                    let r = conn.await;
-                    done.cancel();
-                    r
-                });
-                (client, h)
-            }
-            _ => {
-                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                let (client, conn) = cfg
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let h = tracker.spawn(async move {
-                    let r = conn.await;
-                    done.cancel();
-                    r
-                });
-                (client, h)
-            }
-        };
+        // The same connect path as the pools and the auth lookup (hosts, TLS as sslmode
+        // says, target_session_attrs): backend::client.
+        let own = connect_own_client(
+            &s.target,
+            &s.application_name(),
+            None,
+            s.connect_timeout,
+            move || done.cancel(),
+        )
+        .await?;
+        let (client, handle) = (own.client, own.task);
         counters.opened.inc();
         let mut c = ControlConn {
             client: Some(client),

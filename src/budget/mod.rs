@@ -29,7 +29,6 @@
 
 mod control;
 pub mod policy;
-mod tls;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -183,7 +182,7 @@ impl Budget {
 
     /// Start the control task on `tracker`. It runs until [`stop`](Self::stop).
     pub fn start(self: &Arc<Self>, tracker: &TaskTracker) {
-        tracker.spawn(control::run(self.clone(), tracker.clone()));
+        tracker.spawn(control::run(self.clone()));
     }
 
     /// The last step of a drain: give back what is left and close the control connection.
