@@ -233,23 +233,32 @@ impl TidepoolProcess {
     }
 
     /// [`start`](Self::start) with `rust_log` as its log filter (e.g. `"trace"`).
+    ///
+    /// A port from [`free_port`] is only free when it is picked: another socket (a client's
+    /// ephemeral port, in a test with many connections) can take it before tidepool binds it.
+    /// Then tidepool exits with "Address already in use", and this starts it again on other
+    /// ports (a few times).
     pub fn start_logging(config: &str, rust_log: &str) -> TidepoolProcess {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut p = Self::spawn(config, rust_log);
+            match p.wait_ready(Duration::from_secs(10)) {
+                Ok(()) => return p,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => {
+                    eprintln!("tidepool's port was taken before it could bind it; again on others");
+                }
+                Err(log) => panic!("tidepool did not start; log:\n{log}"),
+            }
+        }
+    }
+
+    fn spawn(config: &str, rust_log: &str) -> TidepoolProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
-        let config = config
-            .replacen(
-                "addr = \"127.0.0.1:0\"",
-                &format!("addr = \"127.0.0.1:{port}\""),
-                1,
-            )
-            .replacen(
-                "addr = \"127.0.0.1:0\"",
-                &format!("addr = \"127.0.0.1:{admin_port}\""),
-                1,
-            );
         let cfg_path = dir.path().join("tidepool.toml");
-        std::fs::write(&cfg_path, config).expect("write config");
+        std::fs::write(&cfg_path, with_ports(config, port, admin_port)).expect("write config");
         let log_path = dir.path().join("tidepool.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(binary())
@@ -261,29 +270,31 @@ impl TidepoolProcess {
             .stderr(log)
             .spawn()
             .expect("spawn tidepool");
-        let p = TidepoolProcess {
+        TidepoolProcess {
             child,
             port,
             admin_port,
             log_path,
             config_path: cfg_path,
             _dir: dir,
-        };
-        p.wait_ready(Duration::from_secs(10));
-        p
+        }
     }
 
-    fn wait_ready(&self, timeout: Duration) {
+    /// Until tidepool accepts on its port: Err(its log) if it exits first or takes longer
+    /// than `timeout`. (A connect is checked against the process still running, in case
+    /// another listener holds the port.)
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
         let t0 = Instant::now();
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                std::thread::sleep(Duration::from_millis(50));
+                if matches!(self.child.try_wait(), Ok(None)) {
+                    return Ok(());
+                }
             }
-            assert!(
-                t0.elapsed() < timeout,
-                "tidepool did not start; log:\n{}",
-                self.log()
-            );
+            if !matches!(self.child.try_wait(), Ok(None)) || t0.elapsed() >= timeout {
+                return Err(self.log());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
