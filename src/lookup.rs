@@ -49,6 +49,17 @@ pub enum Found {
     Failed,
 }
 
+impl Found {
+    /// How a lookup that came to this counts in `tidepool_auth_lookups_total`.
+    fn outcome(&self) -> LookupOutcome {
+        match self {
+            Found::Secret(_) => LookupOutcome::found,
+            Found::NotFound => LookupOutcome::not_found,
+            Found::Failed => LookupOutcome::error,
+        }
+    }
+}
+
 /// Where and how to look a user up: resolved from the configuration at each login, so a
 /// reload applies at once.
 #[derive(Clone, Debug)]
@@ -149,8 +160,7 @@ impl Lookup {
             // lookup's own outcome (every refused login counts).
             self.metrics.auth_lookup(match &found {
                 Found::Secret(_) => LookupOutcome::cached,
-                Found::NotFound => LookupOutcome::not_found,
-                Found::Failed => LookupOutcome::error,
+                other => other.outcome(),
             });
         }
         found
@@ -168,12 +178,7 @@ impl Lookup {
 
     async fn fetch(&self, req: &Request, user: &str) -> Found {
         let found = self.query(req, user).await;
-        let outcome = match &found {
-            Found::Secret(_) => LookupOutcome::found,
-            Found::NotFound => LookupOutcome::not_found,
-            Found::Failed => LookupOutcome::error,
-        };
-        self.metrics.auth_lookup(outcome);
+        self.metrics.auth_lookup(found.outcome());
         if let Found::Secret(secret) = &found {
             let mut cache = lock(&self.cache);
             if cache.len() >= MAX_CACHED {
@@ -415,12 +420,7 @@ impl LookupConn {
             Some(own) => end(own, timeout).await,
             None => false,
         };
-        self.metrics.closed[reason as usize].inc();
-        if clean {
-            self.metrics.shutdown_clean.inc();
-        } else {
-            self.metrics.shutdown_hard.inc();
-        }
+        self.metrics.count_close(reason, clean);
         tracing::debug!(pool = %self.name, ?reason, clean, "auth lookup connection closed");
     }
 }

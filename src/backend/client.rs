@@ -124,8 +124,7 @@ pub async fn end(own: OwnClient, timeout: Duration) -> bool {
     }
 }
 
-/// `target_session_attrs` as libpq checks it: `read-write` wants a server that is neither
-/// in recovery nor read-only by default, `primary` one not in recovery.
+/// `target_session_attrs` as libpq checks it ([`TargetSessionAttrs::admits`]).
 async fn accepts(
     client: &Client,
     attrs: TargetSessionAttrs,
@@ -145,9 +144,5 @@ async fn accepts(
         _ => None,
     });
     let (standby, read_only) = row.ok_or("no answer to the target_session_attrs check")?;
-    Ok(match attrs {
-        TargetSessionAttrs::Any => true,
-        TargetSessionAttrs::Primary => !standby,
-        TargetSessionAttrs::ReadWrite => !standby && !read_only,
-    })
+    Ok(attrs.admits(standby, read_only))
 }

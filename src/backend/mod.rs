@@ -424,11 +424,7 @@ impl ServerConn {
                 (ro, ro)
             }
         };
-        Ok(match attrs {
-            TargetSessionAttrs::Any => true,
-            TargetSessionAttrs::Primary => !standby,
-            TargetSessionAttrs::ReadWrite => !standby && !read_only,
-        })
+        Ok(attrs.admits(standby, read_only))
     }
 
     pub fn stream(&mut self) -> &mut ServerStream {

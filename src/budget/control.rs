@@ -17,14 +17,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Input, Member};
 use super::{lock, Budget, BudgetSettings};
-use crate::backend::client::connect_own_client;
-use crate::backend::ShutdownOutcome;
+use crate::backend::client::{connect_own_client, end, OwnClient};
 use crate::metrics::{CloseReason, ServerCloseCounters};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -282,14 +280,13 @@ struct Seen {
 /// `tidepool_server_connections_leaked_total` and logs a warning (the client's drop still
 /// makes the connection task send Terminate, but nobody waits for it). It never awaits.
 struct ControlConn {
-    client: Option<Client>,
-    handle: Option<JoinHandle<Result<(), tokio_postgres::Error>>>,
+    /// The client and its connection task; None once closed.
+    own: Option<OwnClient>,
     /// Cancelled when the connection task ends (the server closed, an I/O error).
     lost: CancellationToken,
     /// The control connection's backend pid: the wanting lock's second key.
     pid: i32,
     counters: ServerCloseCounters,
-    closed: bool,
 }
 
 impl ControlConn {
@@ -309,15 +306,12 @@ impl ControlConn {
             move || done.cancel(),
         )
         .await?;
-        let (client, handle) = (own.client, own.task);
         counters.opened.inc();
         let mut c = ControlConn {
-            client: Some(client),
-            handle: Some(handle),
+            own: Some(own),
             lost,
             pid: 0,
             counters,
-            closed: false,
         };
         match within(s.connect_timeout, c.rows("SELECT pg_backend_pid()")).await {
             Ok(rows) => {
@@ -336,7 +330,11 @@ impl ControlConn {
     }
 
     fn client(&self) -> &Client {
-        self.client.as_ref().expect("the client lives until close")
+        &self
+            .own
+            .as_ref()
+            .expect("the client lives until close")
+            .client
     }
 
     /// One simple-protocol statement (one round trip); its rows as text.
@@ -420,41 +418,24 @@ impl ControlConn {
     /// drop the client so its task sends Terminate and closes the socket, and wait for that
     /// task, bounded by `timeout`. Counted like a pool connection's close.
     async fn close(mut self, reason: CloseReason, timeout: Duration) {
-        if let Some(client) = self.client.take() {
-            if reason != CloseReason::error {
-                let _ = tokio::time::timeout(
-                    timeout,
-                    client.simple_query("SELECT pg_advisory_unlock_all()"),
-                )
-                .await;
-            }
-            drop(client);
-        }
-        let outcome = match self.handle.take() {
-            Some(h) => {
-                let abort = h.abort_handle();
-                match tokio::time::timeout(timeout, h).await {
-                    Ok(Ok(Ok(()))) => ShutdownOutcome::Clean,
-                    Ok(_) => ShutdownOutcome::Hard,
-                    Err(_) => {
-                        abort.abort();
-                        tracing::warn!("budget control connection did not close within server_close_timeout; closed hard");
-                        ShutdownOutcome::Hard
-                    }
+        let clean = match self.own.take() {
+            Some(own) => {
+                if reason != CloseReason::error {
+                    let _ = tokio::time::timeout(
+                        timeout,
+                        own.client.simple_query("SELECT pg_advisory_unlock_all()"),
+                    )
+                    .await;
                 }
+                end(own, timeout).await
             }
-            None => ShutdownOutcome::Hard,
+            None => false,
         };
-        self.closed = true;
-        self.counters.closed[reason as usize].inc();
-        match outcome {
-            ShutdownOutcome::Clean => self.counters.shutdown_clean.inc(),
-            ShutdownOutcome::Hard => self.counters.shutdown_hard.inc(),
-        };
+        self.counters.count_close(reason, clean);
         tracing::debug!(
             pid = self.pid,
             ?reason,
-            ?outcome,
+            clean,
             "budget control connection closed"
         );
     }
@@ -462,7 +443,7 @@ impl ControlConn {
 
 impl Drop for ControlConn {
     fn drop(&mut self) {
-        if self.closed {
+        if self.own.is_none() {
             return;
         }
         self.counters.leaked.inc();

@@ -138,6 +138,18 @@ pub enum TargetSessionAttrs {
     Primary,
 }
 
+impl TargetSessionAttrs {
+    /// Whether a server in this state may be used (libpq's rule): `read-write` wants one
+    /// neither in hot standby nor read-only by default, `primary` one not in hot standby.
+    pub fn admits(self, standby: bool, read_only: bool) -> bool {
+        match self {
+            TargetSessionAttrs::Any => true,
+            TargetSessionAttrs::Primary => !standby,
+            TargetSessionAttrs::ReadWrite => !standby && !read_only,
+        }
+    }
+}
+
 impl DatabaseConfig {
     /// The servers to try, in order: `host` split at commas, each with its port (one port for
     /// all, or one each).

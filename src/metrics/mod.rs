@@ -331,22 +331,15 @@ impl Metrics {
             pool: pool.to_string(),
             state,
         };
-        let closed = CloseReason::ALL.map(|reason| {
-            handle(
-                &self.closed,
-                &PoolReasonLabel {
-                    pool: pool.to_string(),
-                    reason,
-                },
-            )
-        });
+        // The series every server connection's close counts in, pool or not.
+        let close = self.server_close_counters(pool);
         PoolMetrics {
-            leaked: handle(&self.leaked, &l),
+            leaked: close.leaked,
             idle: handle(&self.server_conns, &st(ServerState::idle)),
             active: handle(&self.server_conns, &st(ServerState::active)),
             closing: handle(&self.server_conns, &st(ServerState::closing)),
-            opened: handle(&self.opened, &l),
-            closed,
+            opened: close.opened,
+            closed: close.closed,
             checkout_wait: handle(&self.checkout_wait, &l),
             checkout_timeouts: handle(&self.checkout_timeouts, &l),
             transactions: handle(&self.transactions, &l),
@@ -354,20 +347,8 @@ impl Metrics {
             queries: handle(&self.queries, &l),
             bytes_received: handle(&self.bytes_received, &l),
             bytes_sent: handle(&self.bytes_sent, &l),
-            shutdown_clean: handle(
-                &self.shutdowns,
-                &PoolOutcomeLabel {
-                    pool: pool.to_string(),
-                    outcome: ShutdownOutcomeLabel::clean,
-                },
-            ),
-            shutdown_hard: handle(
-                &self.shutdowns,
-                &PoolOutcomeLabel {
-                    pool: pool.to_string(),
-                    outcome: ShutdownOutcomeLabel::hard,
-                },
-            ),
+            shutdown_clean: close.shutdown_clean,
+            shutdown_hard: close.shutdown_hard,
             parses_forwarded: handle(
                 &self.parses,
                 &PoolParseLabel {
@@ -429,8 +410,9 @@ impl Metrics {
         handle(&self.auth_lookups, &LookupLabel { outcome }).inc();
     }
 
-    /// The close counters of a server connection outside the pools (the budget's control
-    /// connection), counted under `pool`: the same series a pool's closes use.
+    /// The close counters of a server connection, counted under `pool`: a pool's own
+    /// ([`pool`](Self::pool)) and those outside the pools (the auth lookup's, the budget's
+    /// control connection).
     pub fn server_close_counters(&self, pool: &str) -> ServerCloseCounters {
         ServerCloseCounters {
             leaked: self.leaked_counter(pool),
@@ -607,6 +589,18 @@ pub struct ServerCloseCounters {
     pub closed: [Counter; 8],
     pub shutdown_clean: Counter,
     pub shutdown_hard: Counter,
+}
+
+impl ServerCloseCounters {
+    /// One explicit shutdown ended: why, and whether cleanly.
+    pub fn count_close(&self, reason: CloseReason, clean: bool) {
+        self.closed[reason as usize].inc();
+        if clean {
+            self.shutdown_clean.inc();
+        } else {
+            self.shutdown_hard.inc();
+        }
+    }
 }
 
 /// One pool's `tidepool_session_state_total` series, created on first use (a cold path: a
