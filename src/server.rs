@@ -65,7 +65,7 @@ impl Server {
         } else {
             None
         };
-        let shared = Arc::new(Shared::new(rt, source));
+        let shared = Arc::new(Shared::new(rt, source, port));
         Ok(Server {
             shared,
             listener,
@@ -142,6 +142,10 @@ pub enum ServeError {
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, unix: Option<UnixSocket>) {
     let drain = shared.shutdown.drain_token();
     let force = shared.shutdown.force_token();
+    // Made once, not per accepted connection: a fresh `cancelled()` future per loop
+    // registers with its token (a lock) every time it is first polled.
+    let mut drained = std::pin::pin!(drain.cancelled());
+    let mut forced = std::pin::pin!(force.cancelled());
     let mut draining = false;
     let mut window: std::pin::Pin<Box<tokio::time::Sleep>> =
         Box::pin(tokio::time::sleep(Duration::from_secs(86400 * 365)));
@@ -161,7 +165,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, unix: Option<Un
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = drain.cancelled(), if !draining => {
+            _ = &mut drained, if !draining => {
                 draining = true;
                 let accept_for = shared.runtime().config.drain.accept_for;
                 if accept_for.is_zero() {
@@ -170,7 +174,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, unix: Option<Un
                 window.as_mut().reset(tokio::time::Instant::now() + accept_for);
             }
             _ = &mut window, if draining => break,
-            _ = force.cancelled() => break,
+            _ = &mut forced => break,
         }
     }
     shared.shutdown.stop_accepting();

@@ -121,6 +121,9 @@ pub struct Shared {
     /// The upstream answered its last check (readiness).
     pub upstream_ok: AtomicBool,
     pub started: Instant,
+    /// The port the client listener is bound to (`listen.addr`'s, or the one the OS chose
+    /// for port 0): every TCP client connected to it.
+    pub listen_port: u16,
     test_panic: AtomicBool,
     /// `--listen` / `--admin-listen`: they win over the file on reload too.
     addr_overrides: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
@@ -138,7 +141,7 @@ pub struct Shared {
 impl Shared {
     /// The state of a process that is about to start serving: no pools yet, the closer task
     /// started on a new tracker.
-    pub fn new(rt: Runtime, source: Option<ConfigSource>) -> Shared {
+    pub fn new(rt: Runtime, source: Option<ConfigSource>, listen_port: u16) -> Shared {
         let tracker = TaskTracker::new();
         let closer_stop = CancellationToken::new();
         let closer = Closer::start(&tracker, closer_stop.clone());
@@ -163,6 +166,7 @@ impl Shared {
             shutdown: Arc::new(Shutdown::new()),
             upstream_ok: AtomicBool::new(false),
             started: Instant::now(),
+            listen_port,
             test_panic: AtomicBool::new(false),
             addr_overrides: Mutex::new((None, None)),
             pauses: PauseSet::default(),

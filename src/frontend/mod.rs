@@ -29,6 +29,7 @@ use crate::tls::{ClientStream, MaybeTls};
 /// Where a client connected from (for its log span).
 #[derive(Clone, Copy, Debug)]
 pub enum Peer {
+    /// A TCP client, at the address `accept` gave (no `getpeername` per login).
     Tcp(SocketAddr),
     /// The Unix-domain socket listener (its peers have no address).
     Unix,
@@ -73,12 +74,15 @@ pub fn serve_client(
     slot: impl Send + 'static,
 ) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!("client", client.addr = %peer);
+    if let MaybeTls::Plain(tcp) = &sock {
+        let _ = tcp.set_nodelay(true);
+    }
+    // Boxed here, not in the task: the task then keeps one pointer until the login is over,
+    // not the socket and the peer's address beside the boxed login.
+    let login = Box::pin(login(shared.clone(), sock, peer));
     async move {
         let _slot = slot;
-        if let MaybeTls::Plain(tcp) = &sock {
-            let _ = tcp.set_nodelay(true);
-        }
-        let Some((sock, login)) = Box::pin(login(&shared, sock)).await else {
+        let Some((sock, login)) = login.await else {
             return;
         };
         relay::run(shared, sock, login).await;
@@ -87,7 +91,12 @@ pub fn serve_client(
 }
 
 /// Startup, authentication and attaching to a pool; a refused client gets its FATAL here.
-async fn login(shared: &Arc<Shared>, sock: ClientStream) -> Option<(ClientStream, LoggedIn)> {
+async fn login(
+    shared: Arc<Shared>,
+    sock: ClientStream,
+    peer: Peer,
+) -> Option<(ClientStream, LoggedIn)> {
+    let shared = &shared;
     let mut sock = sock;
     let rt = shared.runtime();
     let over_limit = shared.client_count() > rt.config.listen.max_clients;
@@ -111,7 +120,7 @@ async fn login(shared: &Arc<Shared>, sock: ClientStream) -> Option<(ClientStream
                 Box::pin(crate::console::serve(shared.clone(), sock, login)).await;
                 return None;
             }
-            None => Box::pin(attach(shared, &rt, &mut sock, h)).await,
+            None => Box::pin(attach(shared, &rt, &mut sock, h, peer)).await,
         },
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => Err(e),
@@ -307,22 +316,34 @@ async fn handshake(
             RejectReason::draining,
         ));
     }
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+    let mut params = params;
+    // Moved out of the list, not copied (`desired_settings` skips both names).
+    let mut take = |k: &str| {
+        params
+            .iter_mut()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| std::mem::take(v))
+    };
+    let user = take("user");
+    let database = take("database");
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
         return Err(LoginError::new(
             "28000",
             "no PostgreSQL user name specified in startup packet",
             RejectReason::protocol,
         ));
     };
-    if get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
+    if params
+        .iter()
+        .any(|(n, v)| n == "replication" && v != "false" && v != "0" && v != "off")
+    {
         return Err(LoginError::new(
             "08P01",
             "replication connections are not supported by tidepool",
             RejectReason::protocol,
         ));
     }
-    let database = get("database")
+    let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     let desired = params::desired_settings(params)
@@ -373,6 +394,7 @@ async fn attach(
     rt: &Arc<Runtime>,
     sock: &mut ClientStream,
     hello: Hello,
+    peer: Peer,
 ) -> Result<LoggedIn, LoginError> {
     let Hello {
         user,
@@ -443,11 +465,15 @@ async fn attach(
     });
     let cshared = Arc::new(ClientShared::new(ClientInfo {
         id: shared.cancels.next_client_id(),
-        addr: peer_addr(sock),
-        local_port: sock
-            .tcp()
-            .and_then(|t| t.local_addr().ok())
-            .map_or(0, |a| a.port()),
+        addr: match peer {
+            Peer::Tcp(addr) => addr,
+            Peer::Unix => SocketAddr::from(([0, 0, 0, 0], 0)),
+        },
+        // Every TCP client connected to the listener's port (no `getsockname` per login).
+        local_port: match peer {
+            Peer::Tcp(_) => shared.listen_port,
+            Peer::Unix => 0,
+        },
         connected: std::time::SystemTime::now(),
         tls: sock.is_tls(),
         pool: Some(pool.clone()),
@@ -493,13 +519,6 @@ async fn attach(
         },
         server,
     })
-}
-
-/// The client's address, as far as the socket tells.
-fn peer_addr(sock: &ClientStream) -> SocketAddr {
-    sock.tcp()
-        .and_then(|t| t.peer_addr().ok())
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// The FATAL a client gets when no server could be had at login.
