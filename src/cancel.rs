@@ -192,15 +192,41 @@ impl ClientShared {
 /// tidepool-issued cancel keys → clients.
 #[derive(Default)]
 pub struct CancelRegistry {
-    map: Mutex<HashMap<(i32, i32), Arc<ClientShared>>>,
+    map: Mutex<KeyMap>,
     next_pid: AtomicI32,
     next_id: AtomicU64,
+}
+
+/// Cancel keys to clients, hashed by [`KeyHash`].
+type KeyMap = HashMap<(i32, i32), Arc<ClientShared>, std::hash::BuildHasherDefault<KeyHash>>;
+
+/// The registry's hash: a multiply of the key, not SipHash. Every key holds a random
+/// `secret` tidepool drew, so the keys in the map are spread whatever clients send, and a
+/// cancel request can only look one up; SipHash's defence against chosen keys buys nothing
+/// here and cost about 160 instructions per hash, three hashes per login.
+#[derive(Default)]
+pub struct KeyHash(u64);
+
+impl std::hash::Hasher for KeyHash {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_i32(&mut self, v: i32) {
+        self.0 = self.0 << 32 | u64::from(v as u32);
+    }
+    fn finish(&self) -> u64 {
+        // Fibonacci hashing: the multiply spreads both halves into the high bits hashbrown
+        // uses for its control bytes.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
 }
 
 impl CancelRegistry {
     pub fn new() -> Self {
         CancelRegistry {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(KeyMap::default()),
             // Fake process ids for transaction mode; high enough not to look like a real pid.
             next_pid: AtomicI32::new(1 << 22),
             next_id: AtomicU64::new(1),
@@ -219,7 +245,7 @@ impl CancelRegistry {
         v
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), Arc<ClientShared>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyMap> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
