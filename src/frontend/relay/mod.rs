@@ -132,6 +132,11 @@ impl Drop for Session {
             self.pool_metrics().pinned.dec();
         }
         self.shared.cancels.unregister(self.login.key);
+        // Whatever is left unsent dies with the session (a client's Terminate, usually): the
+        // buffers are emptied so that they go back to the spares, not to the allocator; a
+        // login per transaction (pgbench -C) would otherwise allocate a 16 KiB buffer each.
+        self.cbuf.clear();
+        self.sbuf.clear();
         spare::give(std::mem::take(&mut self.cbuf));
         spare::give(std::mem::take(&mut self.sbuf));
     }

@@ -420,6 +420,17 @@ impl Session {
     /// Emit the synthesised replies at the head of the queue (their turn has come: every
     /// earlier reply has been framed). Returns true if any was emitted.
     pub(super) fn emit_synths(&mut self) -> bool {
+        // Called for every server message; the head of the queue is nearly always a request
+        // that was forwarded, with nothing to emit.
+        if !matches!(
+            self.pending.front(),
+            Some(Pending {
+                action: Action::Synth(_) | Action::Reject(_),
+                ..
+            })
+        ) {
+            return false;
+        }
         let mut emitted = false;
         loop {
             let mut out = [0u8; 5 * 8];
