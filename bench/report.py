@@ -123,9 +123,9 @@ def main():
     out = []
     for workload, mode in order:
         out.append(f"### `pgbench {WORKLOADS.get(workload, workload)} -M {mode}`\n")
-        out.append("| target | runs | TPS median | TPS min | TPS max | latency avg (ms) | failed | pooler CPU µs/txn | TPS ÷ PgBouncer | TPS ÷ direct | CPU ÷ PgBouncer |"
+        out.append("| target | runs | TPS median | TPS min | TPS max | latency avg (ms) | failed | pooler CPU µs/txn | user / kernel µs/txn | TPS ÷ PgBouncer | TPS ÷ direct | CPU ÷ PgBouncer |"
                    + "".join(f" TPS ÷ {d} | CPU ÷ {d} |" for d in extra))
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra))
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra))
         stats = {}
         for t in targets:
             rs = bench.get((workload, mode, t), [])
@@ -143,6 +143,9 @@ def main():
                 "failed": sum(int(num(r["failed"]) or 0) for r in rs),
                 "bad_rc": sum(1 for r in rs if r["rc"] not in ("0", "")),
                 "cpu": med([num(r["cpu_us_per_txn"]) for r in rs]),
+                # The same split into user and kernel time (medians; absent in older TSVs).
+                "usr": med([num(r.get("cpu_user_us_per_txn")) for r in rs]),
+                "sys": med([num(r.get("cpu_sys_us_per_txn")) for r in rs]),
                 # From pgbench --log (workloads that log each transaction, e.g. L1): the
                 # medians over the rounds of each round's average, p50 and p99, in µs.
                 "lat_avg": med([num(r.get("lat_avg_us")) for r in rs]),
@@ -162,6 +165,7 @@ def main():
             out.append(
                 f"| {LABEL.get(t, t)} | {s['runs']} | {f(s['tps'])} | {f(s['min'])} | {f(s['max'])} | {f(s['lat'], 3)} | {failed} | "
                 f"{f(s['cpu'], 1) if t != 'direct' else '—'} | "
+                f"{f(s['usr'], 1) + ' / ' + f(s['sys'], 1) if t != 'direct' else '—'} | "
                 f"{fr(ratio(s['tps'], pb['tps'])) if pb else 'n/a'} | {fr(ratio(s['tps'], d['tps'])) if d else 'n/a'} | "
                 f"{fr(ratio(s['cpu'], pb['cpu'])) if pb and t != 'direct' else '—'} |" + cells
             )
