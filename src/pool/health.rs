@@ -11,6 +11,9 @@ use crate::backend::{BackendError, ServerConn};
 use crate::config::PoolSettings;
 use crate::metrics::{CheckOutcome, CloseReason};
 
+/// An idle connection parked for less than this is lent out without a liveness probe.
+const PROBE_AFTER: Duration = Duration::from_millis(50);
+
 /// A failed connect, remembered for `server_login_retry`.
 #[derive(Debug, Clone)]
 pub(super) struct ConnectFailure {
@@ -74,7 +77,8 @@ impl Pool {
             let mut conn = candidate?;
             inner.metrics.idle.dec();
             let now = Instant::now();
-            if let Some(reason) = inner.unusable(&conn, settings, now) {
+            let (lifetime, idle) = (settings.server_lifetime, settings.server_idle_timeout);
+            if let Some(reason) = inner.unusable(&conn, lifetime, idle, now) {
                 inner.send_close(conn, reason);
                 continue;
             }
@@ -119,5 +123,42 @@ impl Pool {
             inner.metrics.idle.dec();
             inner.send_close(c, CloseReason::error);
         }
+    }
+}
+
+impl PoolInner {
+    /// Why an idle connection must not be lent out, if it must not.
+    /// `lifetime` and `idle_timeout` are the pool's `server_lifetime` and
+    /// `server_idle_timeout`.
+    pub(super) fn unusable(
+        &self,
+        conn: &ServerConn,
+        lifetime: Duration,
+        idle_timeout: Duration,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        let idle_for = now.saturating_duration_since(conn.idle_since);
+        if now.saturating_duration_since(conn.created) >= lifetime {
+            Some(CloseReason::lifetime)
+        } else if idle_for >= idle_timeout {
+            Some(CloseReason::idle_timeout)
+        } else if self.is_stale(conn) {
+            Some(CloseReason::reload)
+        } else if idle_for >= PROBE_AFTER && !conn.idle_check() {
+            // A connection parked moments ago is not probed (a syscall per transaction under
+            // load); upkeep probes every idle connection each second anyway.
+            Some(CloseReason::error)
+        } else {
+            None
+        }
+    }
+
+    pub(super) fn is_stale(&self, conn: &ServerConn) -> bool {
+        let current = self.generation.load(Ordering::Acquire);
+        current != 0
+            && lock(&self.conn_generation)
+                .get(&conn.id)
+                .map_or(0, |c| c.generation)
+                != current
     }
 }

@@ -266,12 +266,19 @@ impl Pool {
         inner.metrics.idle.dec();
         // One clock read for the checks and the checkout time (reads are not free in a VM).
         let now = Instant::now();
-        let settings = inner.settings();
-        if let Some(reason) = inner.unusable(&conn, &settings, now) {
+        let (lifetime, idle_timeout, check_delay) = {
+            let s = inner.settings_ref();
+            (
+                s.server_lifetime,
+                s.server_idle_timeout,
+                s.server_check_delay,
+            )
+        };
+        if let Some(reason) = inner.unusable(&conn, lifetime, idle_timeout, now) {
             inner.send_close(conn, reason);
             return None;
         }
-        if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay {
+        if now.saturating_duration_since(conn.idle_since) >= check_delay {
             // Unused long enough to need a round trip first: the caller's `checkout` does it.
             lock(&inner.idle).push_back(conn);
             inner.metrics.idle.inc();
@@ -450,7 +457,12 @@ impl Pool {
             let mut keep = VecDeque::with_capacity(idle.len());
             let mut out = Vec::new();
             while let Some(c) = idle.pop_front() {
-                match inner.unusable(&c, &settings, now) {
+                match inner.unusable(
+                    &c,
+                    settings.server_lifetime,
+                    settings.server_idle_timeout,
+                    now,
+                ) {
                     Some(r) => out.push((c, r)),
                     None => keep.push_back(c),
                 }
@@ -591,42 +603,13 @@ impl Pool {
 
 impl PoolInner {
     fn settings(&self) -> Arc<PoolSettings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.settings_ref().clone()
     }
 
-    /// Why an idle connection must not be lent out, if it must not.
-    fn unusable(
-        &self,
-        conn: &ServerConn,
-        settings: &PoolSettings,
-        now: Instant,
-    ) -> Option<CloseReason> {
-        let idle_for = now.saturating_duration_since(conn.idle_since);
-        if now.saturating_duration_since(conn.created) >= settings.server_lifetime {
-            Some(CloseReason::lifetime)
-        } else if idle_for >= settings.server_idle_timeout {
-            Some(CloseReason::idle_timeout)
-        } else if self.is_stale(conn) {
-            Some(CloseReason::reload)
-        } else if idle_for >= PROBE_AFTER && !conn.idle_check() {
-            // A connection parked moments ago is not probed (a syscall per transaction under
-            // load); upkeep probes every idle connection each second anyway.
-            Some(CloseReason::error)
-        } else {
-            None
-        }
-    }
-
-    fn is_stale(&self, conn: &ServerConn) -> bool {
-        let current = self.generation.load(Ordering::Acquire);
-        current != 0
-            && lock(&self.conn_generation)
-                .get(&conn.id)
-                .map_or(0, |c| c.generation)
-                != current
+    /// The settings under their read lock, for the per-transaction paths: no reference count
+    /// to raise and drop (two atomic operations each) for a field or two.
+    fn settings_ref(&self) -> std::sync::RwLockReadGuard<'_, Arc<PoolSettings>> {
+        self.settings.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The synchronous return path: park a clean connection, or hand it to the closer.
@@ -656,8 +639,8 @@ impl PoolInner {
             self.send_close(conn, closed_as.unwrap_or(CloseReason::drain));
             return;
         }
-        let settings = self.settings();
-        if now.saturating_duration_since(conn.created) >= settings.server_lifetime {
+        let lifetime = self.settings_ref().server_lifetime;
+        if now.saturating_duration_since(conn.created) >= lifetime {
             drop(permit);
             self.send_close(conn, CloseReason::lifetime);
         } else if self.is_stale(&conn) {
@@ -758,8 +741,6 @@ pub enum Reset {
     /// with its settings unread): `DISCARD ALL`.
     DiscardAll,
 }
-
-const PROBE_AFTER: Duration = Duration::from_millis(50);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
