@@ -711,9 +711,10 @@ mod size_tests {
     /// as one cell aligned to 128 bytes: the future plus about 140 bytes of its own, rounded
     /// up to a multiple of 128. Measured with valgrind's DHAT on a release build, a 776-byte
     /// future made 1,024-byte cells and a 736-byte one 896-byte cells, 128 bytes less per
-    /// client (this one is 720 bytes in `cargo test --release`, so 896 too). The bound is the debug build's size (16 bytes over release) with a
-    /// little slack: growing past it means some state crossed an await point that should be
-    /// boxed or built outside the future, and likely a bigger cell.
+    /// client (this one is 720 bytes in `cargo test --release`, so 896 too). The bound is
+    /// the debug build's size (16 bytes over release) with a little slack: growing past it
+    /// means some state crossed an await point that should be boxed or built outside the
+    /// future, and likely a bigger cell.
     #[test]
     fn client_task_future_stays_small() {
         let client = future_size(|a, b, c, d: ()| crate::frontend::serve_client(a, b, c, d));
