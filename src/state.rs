@@ -227,12 +227,7 @@ impl Shared {
         };
         let pool = match cached {
             Some(p) => p,
-            None => {
-                let p = self.pool_in_map(rt, database, user, credential)?;
-                *self.last_pool.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((database.to_string(), user.to_string(), p.clone()));
-                p
-            }
+            None => self.pool_in_map(rt, database, user, credential)?,
         };
         // Pass-through: the latest login's keys answer the next server logins (a password
         // changed in Postgres reaches new server connections this way).
@@ -248,7 +243,11 @@ impl Shared {
         Ok(pool)
     }
 
-    /// [`pool_for`](Self::pool_for) past its one-entry cache: the map, or a new pool.
+    /// [`pool_for`](Self::pool_for) past its one-entry cache: the map, or a new pool; either
+    /// becomes the cached one. The cache is set under the map's lock, as
+    /// [`forget_pool_if_unused`](Self::forget_pool_if_unused) clears it: a pool forgotten
+    /// meanwhile (by another worker thread) can then not stay cached outside the map, where
+    /// neither upkeep nor the drain would see its connections.
     fn pool_in_map(
         &self,
         rt: &Runtime,
@@ -258,7 +257,12 @@ impl Shared {
     ) -> Result<Pool, String> {
         let key = (database.to_string(), user.to_string());
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = |p: &Pool| {
+            *self.last_pool.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((database.to_string(), user.to_string(), p.clone()));
+        };
         if let Some(p) = pools.get(&key) {
+            cache(p);
             return Ok(p.clone());
         }
         let (entry_name, _) = rt
@@ -284,6 +288,7 @@ impl Shared {
             pool.pause(&self.shutdown.drain_token());
         }
         pools.insert(key, pool.clone());
+        cache(&pool);
         Ok(pool)
     }
 
