@@ -28,7 +28,7 @@ pub mod tracking;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -54,18 +54,28 @@ const BUF_LIMIT: usize = 256 * 1024;
 /// Read granularity.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// What [`Session::pump`] hands back to the session's loop.
 enum Ev {
+    /// Progress was made; the loop's checks run again (a server to borrow, the idle wait).
+    Stepped,
+    /// The transaction is over: give the server back.
+    Release,
+    Exit(Exit),
+    Boundary,
+    Force,
+    ForceDeadline,
+    /// The session's timer fired (see `timeouts`).
+    Timer(timeouts::Armed),
+}
+
+/// The result of one socket call (see [`Session::step`]).
+enum Step {
     ClientRead(std::io::Result<usize>),
     ServerWrote(std::io::Result<usize>),
     ServerRead(std::io::Result<usize>),
     ClientWrote(std::io::Result<usize>),
-    Boundary,
-    Force,
-    ForceDeadline,
     /// Nothing in flight any more: the session may go back to its idle wait.
     Idle,
-    /// The session's timer fired (see `timeouts`).
-    Timer(timeouts::Armed),
 }
 
 struct Session {
@@ -304,6 +314,10 @@ impl Session {
     }
 
     /// Relay until the session exits (`Some`) or is idle again (`None`).
+    ///
+    /// Each iteration does what needs the session's own await points (a server to borrow, a
+    /// server to give back, a drain signal or timer to act on) and then polls the sockets
+    /// with [`pump`](Self::pump), which relays for as long as it can without them.
     async fn active(
         &mut self,
         client: &mut ClientStream,
@@ -311,9 +325,6 @@ impl Session {
     ) -> Option<Exit> {
         let mut stepped = false;
         loop {
-            if self.server.is_some() && self.shared.take_test_panic() {
-                panic!("test hook: session task panics while holding a server");
-            }
             // Closing: leave as soon as the client is at a transaction boundary.
             if (self.close_at_boundary || self.force_deadline.is_some()) && self.at_boundary() {
                 return Some(Exit::Shutdown);
@@ -382,148 +393,21 @@ impl Session {
                 }
             }
 
-            if self.iso & iso::TIMED != 0 {
-                self.update_timer();
-            }
-            let ev = {
-                let c_ready = self.c_ready;
-                let s_ready = self.s_ready;
-                // Past the backpressure limit only while a message that must be seen whole
-                // (a tracked Parse/Bind with large parameters) is still incomplete.
-                let reading_client =
-                    self.force_deadline.is_none() && self.cbuf.len() < BUF_LIMIT.max(self.c_need);
-                // A session holding no server and no bytes keeps no buffers: an idle client
-                // costs no read buffer until it sends something (see `shed_buffers`).
-                let idle = self.server.is_none() && self.cbuf.capacity() == 0;
-                let cbuf = &mut self.cbuf;
-                let sbuf = &mut self.sbuf;
-                if reading_client && !idle && c_ready == 0 {
-                    spare::make_room(cbuf);
-                }
-                let mut server = self.server.as_mut().map(|s| s.stream());
-                if server.is_some() && s_ready == 0 {
-                    spare::make_room(sbuf);
-                }
-                let client = &mut *client;
-                let mut timers = if self.iso & iso::TIMED != 0 {
-                    self.extras.timers_mut()
-                } else {
-                    None
-                };
-                // One step per direction, polled together: write what is framed, else read.
-                // Polling by hand (rather than splitting the streams) works for TLS streams
-                // as well as plain TCP and costs nothing per iteration.
-                let drain = &mut *drain;
-                let io = std::future::poll_fn(|cx| {
-                    if let Some(ev) = drain.poll(cx) {
-                        return Poll::Ready(ev);
+            let ev = match self.force_deadline {
+                None => std::future::poll_fn(|cx| self.pump(client, drain, cx)).await,
+                Some(deadline) => {
+                    let io = std::future::poll_fn(|cx| self.pump(client, drain, cx));
+                    tokio::select! {
+                        biased;
+                        ev = io => ev,
+                        _ = tokio::time::sleep_until(deadline) => Ev::ForceDeadline,
                     }
-                    if let Some(t) = timers.as_mut() {
-                        if let Poll::Ready(fired) = t.poll_fired(cx) {
-                            return Poll::Ready(Ev::Timer(fired));
-                        }
-                    }
-                    if c_ready > 0 {
-                        if let Some(sw) = server.as_mut() {
-                            if let Poll::Ready(r) =
-                                Pin::new(&mut **sw).poll_write(cx, &cbuf[..c_ready])
-                            {
-                                return Poll::Ready(Ev::ServerWrote(r));
-                            }
-                        }
-                    } else if reading_client {
-                        let ready = if cbuf.capacity() == 0 {
-                            match client.poll_read_ready(cx) {
-                                Poll::Ready(Ok(())) => {
-                                    spare::make_room(cbuf);
-                                    true
-                                }
-                                Poll::Ready(Err(e)) => return Poll::Ready(Ev::ClientRead(Err(e))),
-                                Poll::Pending => false,
-                            }
-                        } else {
-                            true
-                        };
-                        if ready {
-                            if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf)
-                            {
-                                return Poll::Ready(Ev::ClientRead(r));
-                            }
-                            // Readiness was stale (tokio remembers "readable" until a read
-                            // finds nothing, which just happened): give the buffer back, and
-                            // go back to the idle wait if nothing else is in flight.
-                            // (Not under TLS, where readiness is always reported: the
-                            // session waits here, holding its buffer.)
-                            if idle && cbuf.is_empty() && !client.is_tls() {
-                                spare::give(std::mem::take(cbuf));
-                                if server.is_none() && s_ready == 0 && sbuf.is_empty() {
-                                    return Poll::Ready(Ev::Idle);
-                                }
-                            }
-                        }
-                    }
-                    if s_ready > 0 {
-                        if let Poll::Ready(r) =
-                            Pin::new(&mut *client).poll_write(cx, &sbuf[..s_ready])
-                        {
-                            return Poll::Ready(Ev::ClientWrote(r));
-                        }
-                    } else if let Some(sr) = server.as_mut() {
-                        if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut **sr), cx, sbuf) {
-                            return Poll::Ready(Ev::ServerRead(r));
-                        }
-                    }
-                    Poll::Pending
-                });
-                let deadline = self.force_deadline;
-                tokio::select! {
-                    biased;
-                    ev = io => ev,
-                    _ = sleep_until_opt(deadline), if deadline.is_some() => Ev::ForceDeadline,
                 }
             };
-
             match ev {
-                Ev::ClientRead(Ok(0)) | Ev::ClientRead(Err(_)) => return Some(Exit::ClientGone),
-                Ev::ClientRead(Ok(n)) => {
-                    self.pool_metrics().bytes_received.inc_by(n as u64);
-                }
-                Ev::ServerWrote(Ok(n)) => {
-                    self.cbuf.advance(n);
-                    self.c_ready -= n;
-                }
-                Ev::ServerWrote(Err(_)) => {
-                    self.mark_broken();
-                    return Some(Exit::ServerLost {
-                        server_said_error: false,
-                    });
-                }
-                Ev::ServerRead(Ok(0)) | Ev::ServerRead(Err(_)) => {
-                    // Forward what was framed (e.g. the server's FATAL) before reporting.
-                    let _ = self.scan_server();
-                    self.mark_broken();
-                    return Some(Exit::ServerLost {
-                        server_said_error: self.s_last_tag == b'E' && self.s_last_fatal,
-                    });
-                }
-                Ev::ServerRead(Ok(_)) => {
-                    if let Err(e) = self.scan_server() {
-                        tracing::warn!(error = %e, "server protocol error");
-                        self.mark_broken();
-                        return Some(Exit::ServerLost {
-                            server_said_error: false,
-                        });
-                    }
-                    if self.releasable() {
-                        self.release().await;
-                    }
-                }
-                Ev::ClientWrote(Ok(n)) => {
-                    self.pool_metrics().bytes_sent.inc_by(n as u64);
-                    self.sbuf.advance(n);
-                    self.s_ready -= n;
-                }
-                Ev::ClientWrote(Err(_)) => return Some(Exit::ClientGone),
+                Ev::Stepped => {}
+                Ev::Release => self.release().await,
+                Ev::Exit(exit) => return Some(exit),
                 Ev::Boundary => {
                     drain.boundary_seen = true;
                     self.close_at_boundary = true;
@@ -534,7 +418,6 @@ impl Session {
                     Box::pin(self.start_force()).await;
                 }
                 Ev::ForceDeadline => return Some(Exit::Shutdown),
-                Ev::Idle => {}
                 Ev::Timer(fired) => {
                     if let Some(kind) = self.timer_fired(fired) {
                         return Some(Exit::Timeout(kind));
@@ -542,6 +425,173 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Poll the drain signals, the session's timer and the sockets, and relay: framed client
+    /// bytes to the server, framed server bytes to the client, new bytes framed as they
+    /// arrive. While the session is in its plain state (no close pending) it goes on step
+    /// after step within this one poll until the sockets have nothing more to give, so a
+    /// transaction costs a few polls rather than a trip through [`active`](Self::active)'s
+    /// loop per socket call; it returns what needs that loop (a server to give back, a client
+    /// with no server, an exit, a signal, the timer). Pending only once every direction that
+    /// can move waits on its socket (its waker registered), as before.
+    fn pump(
+        &mut self,
+        client: &mut ClientStream,
+        drain: &mut DrainWatch<'_, '_>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Ev> {
+        if let Some(ev) = drain.poll(cx) {
+            return Poll::Ready(ev);
+        }
+        if self.server.is_some() && self.shared.take_test_panic() {
+            panic!("test hook: session task panics while holding a server");
+        }
+        // With a close pending, every step goes back to `active`, which checks for a
+        // transaction boundary before anything more is relayed.
+        let local = !self.close_at_boundary && self.force_deadline.is_none();
+        loop {
+            if self.iso & iso::TIMED != 0 {
+                self.update_timer();
+                if let Some(t) = self.extras.timers_mut() {
+                    if let Poll::Ready(fired) = t.poll_fired(cx) {
+                        return Poll::Ready(Ev::Timer(fired));
+                    }
+                }
+            }
+            let Poll::Ready(step) = self.step(client, cx) else {
+                return Poll::Pending;
+            };
+            if let Some(ev) = self.absorb(step) {
+                return Poll::Ready(ev);
+            }
+            // Without a server, `active` borrows one (or goes back to the idle wait).
+            if !local || self.server.is_none() {
+                return Poll::Ready(Ev::Stepped);
+            }
+        }
+    }
+
+    /// Account for one socket call's result; `Some` when `active` must act on it.
+    fn absorb(&mut self, step: Step) -> Option<Ev> {
+        match step {
+            Step::ServerWrote(Ok(n)) if n > 0 => {
+                self.cbuf.advance(n);
+                self.c_ready -= n;
+                None
+            }
+            // (A write of zero bytes from a non-empty buffer: the socket is gone.)
+            Step::ServerWrote(_) => {
+                self.mark_broken();
+                Some(Ev::Exit(Exit::ServerLost {
+                    server_said_error: false,
+                }))
+            }
+            Step::ClientWrote(Ok(n)) if n > 0 => {
+                self.pool_metrics().bytes_sent.inc_by(n as u64);
+                self.sbuf.advance(n);
+                self.s_ready -= n;
+                None
+            }
+            Step::ClientWrote(_) | Step::ClientRead(Ok(0)) | Step::ClientRead(Err(_)) => {
+                Some(Ev::Exit(Exit::ClientGone))
+            }
+            Step::ClientRead(Ok(n)) => {
+                self.pool_metrics().bytes_received.inc_by(n as u64);
+                // Without a server, `active` borrows one and frames the bytes then.
+                self.server.as_ref()?;
+                match self.scan_client() {
+                    Ok(true) => {}
+                    Ok(false) => return Some(Ev::Exit(Exit::ClientGone)),
+                    Err(e) => return Some(Ev::Exit(Exit::Protocol(e))),
+                }
+                // A refused statement sent nothing, so no reply will end the transaction.
+                (self.c_ready == 0 && self.releasable()).then_some(Ev::Release)
+            }
+            Step::ServerRead(Ok(0)) | Step::ServerRead(Err(_)) => {
+                // Forward what was framed (e.g. the server's FATAL) before reporting.
+                let _ = self.scan_server();
+                self.mark_broken();
+                Some(Ev::Exit(Exit::ServerLost {
+                    server_said_error: self.s_last_tag == b'E' && self.s_last_fatal,
+                }))
+            }
+            Step::ServerRead(Ok(_)) => {
+                if let Err(e) = self.scan_server() {
+                    tracing::warn!(error = %e, "server protocol error");
+                    self.mark_broken();
+                    return Some(Ev::Exit(Exit::ServerLost {
+                        server_said_error: false,
+                    }));
+                }
+                self.releasable().then_some(Ev::Release)
+            }
+            Step::Idle => Some(Ev::Stepped),
+        }
+    }
+
+    /// One socket call per direction: write what is framed, else read more. Both directions
+    /// are polled (each registers its waker when it cannot move), so a peer that stops
+    /// reading stalls only its own direction. Polling by hand (rather than splitting the
+    /// streams) works for TLS streams as well as plain TCP and costs nothing per step.
+    fn step(&mut self, client: &mut ClientStream, cx: &mut Context<'_>) -> Poll<Step> {
+        let c_ready = self.c_ready;
+        let s_ready = self.s_ready;
+        // Past the backpressure limit only while a message that must be seen whole (a
+        // tracked Parse/Bind with large parameters) is still incomplete.
+        let reading_client =
+            self.force_deadline.is_none() && self.cbuf.len() < BUF_LIMIT.max(self.c_need);
+        // A session holding no server and no bytes keeps no buffers: an idle client costs no
+        // read buffer until it sends something (see `shed_buffers`).
+        let idle = self.server.is_none() && self.cbuf.capacity() == 0;
+        let cbuf = &mut self.cbuf;
+        let sbuf = &mut self.sbuf;
+        let mut server = self.server.as_mut().map(|s| s.stream());
+        // Without a server, the end of the last transaction goes to the client first: the
+        // usual case, after which the session is idle again (no read needed to know that).
+        let mut client_blocked = false;
+        if server.is_none() && s_ready > 0 {
+            match Pin::new(&mut *client).poll_write(cx, &sbuf[..s_ready]) {
+                Poll::Ready(r) => return Poll::Ready(Step::ClientWrote(r)),
+                Poll::Pending => client_blocked = true,
+            }
+        }
+        if c_ready > 0 {
+            if let Some(sw) = server.as_mut() {
+                if let Poll::Ready(r) = Pin::new(&mut **sw).poll_write(cx, &cbuf[..c_ready]) {
+                    return Poll::Ready(Step::ServerWrote(r));
+                }
+            }
+        } else if reading_client {
+            // An idle session takes a spare buffer only for the read (a thread-local pop).
+            spare::make_room(cbuf);
+            if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
+                return Poll::Ready(Step::ClientRead(r));
+            }
+            // Nothing to read (tokio remembers "readable" until a read finds nothing): an
+            // idle session gives the buffer back, and goes back to the idle wait if nothing
+            // else is in flight. (Not under TLS, where readiness is always reported: the
+            // session waits here, holding its buffer.)
+            if idle && cbuf.is_empty() && !client.is_tls() {
+                spare::give(std::mem::take(cbuf));
+                if server.is_none() && s_ready == 0 && sbuf.is_empty() {
+                    return Poll::Ready(Step::Idle);
+                }
+            }
+        }
+        if s_ready > 0 {
+            if !client_blocked {
+                if let Poll::Ready(r) = Pin::new(&mut *client).poll_write(cx, &sbuf[..s_ready]) {
+                    return Poll::Ready(Step::ClientWrote(r));
+                }
+            }
+        } else if let Some(sr) = server.as_mut() {
+            spare::make_room(sbuf);
+            if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut **sr), cx, sbuf) {
+                return Poll::Ready(Step::ServerRead(r));
+            }
+        }
+        Poll::Pending
     }
 
     fn mark_broken(&mut self) {
@@ -688,13 +738,6 @@ impl Session {
         gauge_of(g, self.gauge).dec();
         gauge_of(g, to).inc();
         self.gauge = to;
-    }
-}
-
-async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
-    match d {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
