@@ -69,8 +69,9 @@ impl PoolInner {
 
 impl Pool {
     /// An idle connection that still looks alive (checked with a round trip when unused for
-    /// `server_check_delay`), counted active; `None` if there is none.
-    pub(super) async fn idle_checkout(&self, settings: &PoolSettings) -> Option<Conn> {
+    /// `server_check_delay`), counted active, with the time it was taken; `None` if there is
+    /// none.
+    pub(super) async fn idle_checkout(&self, settings: &PoolSettings) -> Option<(Conn, Instant)> {
         let inner = &self.inner;
         loop {
             let candidate = lock(&inner.idle).pop_back();
@@ -82,14 +83,16 @@ impl Pool {
                 inner.send_close(conn, reason);
                 continue;
             }
-            if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay
-                && !inner.check(&mut conn).await
-            {
-                inner.send_close(conn, CloseReason::error);
-                continue;
+            let mut now = now;
+            if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay {
+                if !inner.check(&mut conn).await {
+                    inner.send_close(conn, CloseReason::error);
+                    continue;
+                }
+                now = Instant::now();
             }
             inner.metrics.active.inc();
-            return Some(conn);
+            return Some((conn, now));
         }
     }
 

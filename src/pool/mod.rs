@@ -325,8 +325,8 @@ impl Pool {
     ) -> Result<Checkout, CheckoutError> {
         let inner = &self.inner;
         let slot = loop {
-            if let Some(c) = self.idle_checkout(settings).await {
-                return Ok(Checkout::new(c, permit, inner.clone(), Instant::now()));
+            if let Some((c, now)) = self.idle_checkout(settings).await {
+                return Ok(Checkout::new(c, permit, inner.clone(), now));
             }
             match &inner.budget {
                 None => break None,

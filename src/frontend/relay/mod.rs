@@ -619,12 +619,29 @@ impl Session {
         let result = {
             let checkout = self.login.pool.checkout();
             tokio::pin!(checkout);
+            // KILL sets the client's flag and wakes the waker stored for this task
+            // (`ClientShared::set_waker`, as the drain watch does): a flag test per poll
+            // instead of a notification future registered and dropped per wait.
+            let mut waker_stored = false;
             loop {
                 let room = self.cbuf.len() < BUF_LIMIT;
                 spare::make_room(&mut self.cbuf);
+                let killed = std::future::poll_fn(|cx| {
+                    if !waker_stored {
+                        me.set_waker(cx.waker());
+                        waker_stored = true;
+                    }
+                    if me.is_killed() {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                });
+                // Biased: the server first (no random start, which costs a draw per poll).
                 tokio::select! {
+                    biased;
                     r = &mut checkout => break Ok(r),
-                    _ = me.killed() => break Err(Exit::Shutdown),
+                    _ = killed => break Err(Exit::Shutdown),
                     r = client.read_buf(&mut self.cbuf), if room => match r {
                         Ok(0) | Err(_) => break Err(Exit::ClientGone),
                         Ok(n) => {
