@@ -419,18 +419,23 @@ impl Session {
 
     /// Emit the synthesised replies at the head of the queue (their turn has come: every
     /// earlier reply has been framed). Returns true if any was emitted.
+    ///
+    /// Called for every message either way (nine times per extended-protocol transaction);
+    /// the head of the queue is nearly always a request that was forwarded, with nothing to
+    /// emit, so that test is inlined into the callers and the rest is not.
+    #[inline]
     pub(super) fn emit_synths(&mut self) -> bool {
-        // Called for every server message; the head of the queue is nearly always a request
-        // that was forwarded, with nothing to emit.
-        if !matches!(
+        matches!(
             self.pending.front(),
             Some(Pending {
                 action: Action::Synth(_) | Action::Reject(_),
                 ..
             })
-        ) {
-            return false;
-        }
+        ) && self.emit_due_synths()
+    }
+
+    #[inline(never)]
+    fn emit_due_synths(&mut self) -> bool {
         let mut emitted = false;
         loop {
             let mut out = [0u8; 5 * 8];
