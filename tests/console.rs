@@ -717,6 +717,60 @@ async fn pause_resume_reconnect_kill() {
     tp::assert_no_abrupt_disconnects_since(pg, offset);
 }
 
+/// KILL_CLIENT of a client that waits for a server (the pool's one connection is held by
+/// another client's transaction): it ends at once with 57P01, not when a server frees up,
+/// and the transaction holding the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_ends_a_client_waiting_for_a_server() {
+    let _g = tp::serial().await;
+    let pg = PgCluster::shared();
+    let db = pg.create_db("console_kill_waiting");
+    let offset = pg.log_len();
+    let pool = "mode = \"transaction\"\nsize = 1\ncheckout_timeout = \"30s\"";
+    let tp = Tidepool::start_with(&console_config(pg, &db, pool), true).await;
+    let admin = console_client(&tp, "admin").await.unwrap();
+    let holder = tp.connect(&db).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = tp.connect(&db).await;
+    let waiting = tokio::spawn(async move {
+        let r = waiter.simple_query("SELECT 42").await.map(|_| ());
+        (waiter, r)
+    });
+    let t0 = Instant::now();
+    let id = loop {
+        let clients = rows(&admin, "SHOW CLIENTS").await.unwrap();
+        if let Some(c) = clients.iter().find(|c| {
+            c["database"].as_deref() == Some(db.as_str())
+                && c["state"].as_deref() == Some("waiting")
+        }) {
+            break c["id"].clone().unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{clients:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    admin
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    let (waiter, r) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the killed client still waits")
+        .unwrap();
+    let err = r.expect_err("killed while waiting");
+    assert!(err.is_closed() || code(&err) == "57P01", "{err:?}");
+    drop(waiter);
+    // The holder's transaction was not touched; the server goes back to the pool after it.
+    holder.batch_execute("SELECT 2; COMMIT").await.unwrap();
+    let again = tp.connect(&db).await;
+    again.simple_query("SELECT 1").await.unwrap();
+
+    drop((admin, holder, again));
+    let report = tp.stop().await;
+    assert_eq!(report.leaked, 0, "{report:?}");
+    assert_eq!(report.servers_closed_hard, 0, "{report:?}");
+    tp::assert_no_abrupt_disconnects_since(pg, offset);
+}
+
 /// The exporter's venv: prometheus-pgbouncer-exporter 2.x from PyPI. Installed with
 /// `--no-deps` and its dependencies listed here: it pins `psycopg2==2.8.5`, a source build
 /// (libpq headers, a compiler) that does not build on current Pythons; `psycopg2-binary`
