@@ -1,10 +1,14 @@
 //! The relay: moves bytes between a client and the server it holds, parsing only message
 //! headers, and decides when a server goes back to the pool.
 //!
-//! One buffer per direction. Each loop iteration runs one step per direction concurrently: if
-//! the direction has framed bytes waiting, write them; else read more. So a peer that stops
-//! reading stalls only its own direction (as on a direct connection) and each write carries
-//! every complete message read so far (batched writes, no allocation per message).
+//! One buffer per direction. Each step polls both directions: if the direction has framed
+//! bytes waiting, write them; else read more. So a peer that stops reading stalls only its
+//! own direction (as on a direct connection) and each write carries every complete message
+//! read so far (batched writes, no allocation per message). One poll of the sockets
+//! ([`Session::pump`]) takes step after step, framing what it reads in place, until the
+//! sockets have nothing more to give or the session's loop must act (a server to borrow or
+//! give back, a drain signal, the timer): a transaction costs a few polls, not a trip
+//! through the loop per socket call.
 //!
 //! Transaction mode releases the server on ReadyForQuery with status `I` when no request is
 //! outstanding (every Query, Sync and FunctionCall sent has been answered), nothing of the
