@@ -239,9 +239,15 @@ impl Session {
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        // Cold paths are boxed to keep the session future (and so every idle client) small.
-        Box::pin(s.finish(client, exit)).await;
-        Box::pin(s.hand_off()).await;
+        // Cold paths are boxed to keep the session future (and so every idle client) small;
+        // a client that just left (the usual end) is owed no last words, and one that held no
+        // server hands nothing off: neither costs an allocation then.
+        if !matches!(exit, Exit::ClientGone) {
+            Box::pin(s.finish(client, exit)).await;
+        }
+        if s.server.is_some() {
+            Box::pin(s.hand_off()).await;
+        }
         // Dropping the session settles its gauge and cancel key (also when the task panics).
         tracing::info!(pool = s.login.pool.name(), "client disconnected");
     }
