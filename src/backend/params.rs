@@ -54,8 +54,19 @@ fn is_special(key: &str) -> bool {
 }
 
 /// The settings a client asked for in its startup packet, `options` included.
-pub fn desired_settings(startup: Vec<(String, String)>) -> Result<Vec<(String, String)>, String> {
+pub fn desired_settings(
+    mut startup: Vec<(String, String)>,
+) -> Result<Vec<(String, String)>, String> {
     // Consumes the startup list: its strings move, they are not copied (a login's hot path).
+    // Usually there is no `options` and no name twice (in any case): then the list itself is
+    // the answer, with the special names filtered out in place (no allocation).
+    let plain = startup.iter().enumerate().all(|(i, (k, _))| {
+        k != "options" && !startup[..i].iter().any(|(n, _)| n.eq_ignore_ascii_case(k))
+    });
+    if plain {
+        startup.retain(|(k, _)| !is_special(k));
+        return Ok(startup);
+    }
     let mut out: Vec<(String, String)> = Vec::with_capacity(startup.len());
     let mut push = |k: String, v: String| {
         if let Some(slot) = out.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&k)) {
@@ -336,6 +347,35 @@ mod tests {
                 ("statement_timeout".to_string(), "5s".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn desired_filters_special_names_and_merges_repeats() {
+        let s = |k: &str, v: &str| (k.to_string(), v.to_string());
+        // The usual packet: filtered in place.
+        let d = desired_settings(vec![
+            s("user", ""),
+            s("database", ""),
+            s("application_name", "pgbench"),
+            s("_pq_.x", "1"),
+            s("client_encoding", "UTF8"),
+        ])
+        .unwrap();
+        assert_eq!(
+            d,
+            vec![
+                s("application_name", "pgbench"),
+                s("client_encoding", "UTF8")
+            ]
+        );
+        // A name given twice, in any case: the last value wins, in the first one's place.
+        let d = desired_settings(vec![
+            s("DateStyle", "ISO"),
+            s("user", "u"),
+            s("datestyle", "German"),
+        ])
+        .unwrap();
+        assert_eq!(d, vec![s("DateStyle", "German")]);
     }
 
     #[test]
