@@ -123,6 +123,53 @@ pub fn scan(text: &[u8]) -> Effects {
     fx
 }
 
+/// The last short text [`scan`]ned through it, with what the scan found. Drivers that send
+/// the same statement unnamed at every execution (pgbench `-M extended`, psycopg 3 and JDBC
+/// until their prepare thresholds, node-postgres) then have it scanned once and compared
+/// after that: equal bytes, equal effects (`scan` is a function of the text alone), so the
+/// answer is exact whatever the text. One slot for the process, taken with `try_lock`: a
+/// text that differs, is too long or finds the slot busy is simply scanned.
+pub struct Memo(std::sync::Mutex<MemoSlot>);
+
+struct MemoSlot {
+    len: usize,
+    text: [u8; MEMO_MAX],
+    fx: Effects,
+}
+
+/// Longest text the memo keeps (a Parse's query and parameter types).
+const MEMO_MAX: usize = 256;
+
+impl Default for Memo {
+    fn default() -> Self {
+        Memo(std::sync::Mutex::new(MemoSlot {
+            len: 0,
+            text: [0; MEMO_MAX],
+            fx: scan(b""),
+        }))
+    }
+}
+
+impl Memo {
+    /// [`scan`]`(text)`.
+    pub fn scan(&self, text: &[u8]) -> Effects {
+        if text.len() > MEMO_MAX {
+            return scan(text);
+        }
+        let Ok(mut slot) = self.0.try_lock() else {
+            return scan(text);
+        };
+        if slot.len == text.len() && slot.text[..text.len()] == *text {
+            return slot.fx;
+        }
+        let fx = scan(text);
+        slot.text[..text.len()].copy_from_slice(text);
+        slot.len = text.len();
+        slot.fx = fx;
+        fx
+    }
+}
+
 /// The words of one statement, comments and white space skipped.
 struct Words<'a> {
     rest: &'a [u8],
@@ -489,6 +536,39 @@ mod tests {
             &mut v,
         );
         assert_eq!(v, ["app.tenant", "my.other", "third.one"]);
+    }
+
+    #[test]
+    fn the_memo_answers_as_scan_does() {
+        let memo = Memo::default();
+        let long = format!("SELECT 1; SET a.b = 1; {}", " ".repeat(MEMO_MAX));
+        for s in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "SET search_path TO x",
+            "SET search_path TO x",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "",
+            "SET LOCAL search_path TO x",
+            "SET LOCAL search_path TO y",
+            long.as_str(),
+            long.as_str(),
+            "CREATE TEMP TABLE t (x int)",
+        ] {
+            assert_eq!(memo.scan(s.as_bytes()), scan(s.as_bytes()), "{s:?}");
+        }
+        // Same length, different text: scanned, not taken from the slot.
+        assert!(memo.scan(b"SELECT 1 + 1").is_none());
+        assert!(memo.scan(b"SET a.b TO 1").settings);
+        assert!(memo.scan(b"SET a.b TO 1").settings);
+        assert!(memo.scan(b"SELECT 1 + 1").is_none());
+        // A text equal to the slot's first bytes, or longer than it, is not taken for it.
+        assert!(memo.scan(b"CREATE TEMP TABLE t (x int)").pins != 0);
+        assert_eq!(memo.scan(b"CREATE TEMP"), scan(b"CREATE TEMP"));
+        assert!(
+            memo.scan(b"CREATE TEMP TABLE t (x int); SET x.y = 1")
+                .settings
+        );
     }
 
     #[test]

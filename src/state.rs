@@ -112,6 +112,8 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Every distinct prepared statement (transaction mode), shared by all clients.
     pub statements: Registry,
+    /// The effects of the last unnamed statement's text (see `sql::Memo`).
+    pub unnamed_scan: crate::sql::Memo,
     clients: AtomicUsize,
     /// Every long-lived task and every closer job; the drain waits on it.
     pub tracker: TaskTracker,
@@ -161,6 +163,7 @@ impl Shared {
             closer_stop,
             cancels: CancelRegistry::new(),
             statements: Registry::default(),
+            unnamed_scan: crate::sql::Memo::default(),
             clients: AtomicUsize::new(0),
             tracker,
             shutdown: Arc::new(Shutdown::new()),

@@ -27,7 +27,6 @@ use super::Session;
 use crate::backend::statements::Stmt;
 use crate::pool::Checkout;
 use crate::protocol;
-use crate::sql;
 
 /// A transaction-mode client's rarely used state: its statement names, and the custom
 /// settings (`app.tenant`) its current transaction named, to read back when it ends (see
@@ -102,7 +101,7 @@ impl Session {
             b'P' => {
                 let (name, after) = cstr(msg, 5).ok_or_else(bad)?;
                 if name.is_empty() {
-                    let fx = sql::scan(&msg[after..]);
+                    let fx = self.shared.unnamed_scan.scan(&msg[after..]);
                     if !fx.is_none() {
                         if let Some(kind) = self.note_effects(fx, at + after..at + h.total) {
                             self.refuse(kind, Kind::Parse, at, h.total);
