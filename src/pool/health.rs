@@ -77,13 +77,12 @@ impl Pool {
             let candidate = lock(&inner.idle).pop_back();
             let mut conn = candidate?;
             inner.metrics.idle.dec();
-            let now = Instant::now();
+            let mut now = Instant::now();
             let (lifetime, idle) = (settings.server_lifetime, settings.server_idle_timeout);
             if let Some(reason) = inner.unusable(&conn, lifetime, idle, now) {
                 inner.send_close(conn, reason);
                 continue;
             }
-            let mut now = now;
             if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay {
                 if !inner.check(&mut conn).await {
                     inner.send_close(conn, CloseReason::error);

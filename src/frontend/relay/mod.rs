@@ -392,14 +392,10 @@ impl Session {
             }
             stepped = true;
             if self.server.is_some() {
-                match self.scan_client() {
-                    Ok(true) => {}
-                    Ok(false) => return Some(Exit::ClientGone),
-                    Err(e) => return Some(Exit::Protocol(e)),
-                }
-                // A refused statement sent nothing, so no reply will end the transaction.
-                if self.c_ready == 0 && self.releasable() {
-                    self.release().await;
+                match self.frame_client() {
+                    Err(exit) => return Some(exit),
+                    Ok(true) => self.release().await,
+                    Ok(false) => {}
                 }
             }
 
@@ -510,13 +506,10 @@ impl Session {
                 self.pool_metrics().bytes_received.inc_by(n as u64);
                 // Without a server, `active` borrows one and frames the bytes then.
                 self.server.as_ref()?;
-                match self.scan_client() {
-                    Ok(true) => {}
-                    Ok(false) => return Some(Ev::Exit(Exit::ClientGone)),
-                    Err(e) => return Some(Ev::Exit(Exit::Protocol(e))),
+                match self.frame_client() {
+                    Err(exit) => Some(Ev::Exit(exit)),
+                    Ok(release) => release.then_some(Ev::Release),
                 }
-                // A refused statement sent nothing, so no reply will end the transaction.
-                (self.c_ready == 0 && self.releasable()).then_some(Ev::Release)
             }
             Step::ServerRead(Ok(0)) | Step::ServerRead(Err(_)) => {
                 // Forward what was framed (e.g. the server's FATAL) before reporting.
@@ -537,6 +530,17 @@ impl Session {
                 self.releasable().then_some(Ev::Release)
             }
             Step::Idle => Some(Ev::Stepped),
+        }
+    }
+
+    /// Frame the client's new bytes (the session holds a server); `Ok(true)` when the server
+    /// can go back at once: a refused statement sent nothing, so no reply will end the
+    /// transaction.
+    fn frame_client(&mut self) -> Result<bool, Exit> {
+        match self.scan_client() {
+            Ok(true) => Ok(self.c_ready == 0 && self.releasable()),
+            Ok(false) => Err(Exit::ClientGone),
+            Err(e) => Err(Exit::Protocol(e)),
         }
     }
 
