@@ -943,3 +943,78 @@ async fn oversized_message_is_refused_without_waiting_for_a_server() {
     .await;
     finish(tp).await;
 }
+
+/// The client listener sets TCP_DEFER_ACCEPT (as PgBouncer's tcp_defer_accept does): a
+/// connection whose client has sent nothing waits in the kernel, not in tidepool, and is
+/// accepted with its first bytes. One that stays silent is accepted anyway after about a
+/// second (the kernel retransmits its SYN-ACK and the client acknowledges it), and
+/// login_timeout ends it as before. A connect-and-close probe costs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_wait_in_the_kernel_until_their_first_bytes() {
+    let pg = PgCluster::shared();
+    let db = pg.create_db("lim_defer");
+    let tp = Tidepool::start(&config(
+        pg,
+        &db,
+        &pool("transaction", 2, ""),
+        "login_timeout = \"1s\"",
+    ))
+    .await;
+    let (port, shared) = (tp.port(), tp.shared.clone());
+    blocking(move || {
+        // Connected, nothing sent: tidepool has not accepted it yet.
+        let mut talker = connect(port);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(shared.client_count(), 0, "a silent connection was accepted");
+        // Its startup packet is accepted and answered like any login.
+        talker
+            .write_all(&raw::startup_packet(&[
+                ("user", "postgres"),
+                ("database", &db),
+            ]))
+            .unwrap();
+        talker
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        loop {
+            let (tag, body) = raw::read_msg(&mut talker).expect("login reply");
+            assert_ne!(tag, b'E', "login failed: {:?}", raw::error_fields(&body));
+            if tag == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(shared.client_count(), 1);
+        talker.write_all(&[b'X', 0, 0, 0, 4]).unwrap();
+        wait_for("client count 0", Duration::from_secs(5), || {
+            shared.client_count() == 0
+        });
+
+        // A probe that connects and closes at once: accepted at its FIN, ended quietly.
+        for _ in 0..3 {
+            drop(connect(port));
+        }
+        served(port, &db);
+
+        // Silent for good: accepted after the kernel's retransmission, then ended by
+        // login_timeout with Postgres's FATAL.
+        let t0 = Instant::now();
+        let mut silent = connect(port);
+        wait_for(
+            "the silent connection accepted",
+            Duration::from_secs(10),
+            || shared.client_count() == 1,
+        );
+        expect_fatal(&mut silent, "57014", "timeout", "silent connection");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "ended after {:?}",
+            t0.elapsed()
+        );
+        wait_for("client count 0", Duration::from_secs(5), || {
+            shared.client_count() == 0
+        });
+        served(port, &db);
+    })
+    .await;
+    finish(tp).await;
+}
