@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 use tokio_postgres::Statement;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Secret;
 use crate::backend::client::{connect_own_client, end, OwnClient};
@@ -97,6 +98,9 @@ pub struct Lookup {
     closed: AtomicBool,
     /// `[budget]`: a lookup connection is a server connection too, and takes a slot.
     budget: Option<Arc<Budget>>,
+    /// The process's tracker: lookups and their connections' tasks run on it, so the drain
+    /// waits for them.
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Lookup {
@@ -110,7 +114,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Lookup {
-    pub fn new(metrics: Arc<Metrics>, budget: Option<Arc<Budget>>) -> Lookup {
+    pub fn new(metrics: Arc<Metrics>, budget: Option<Arc<Budget>>, tasks: TaskTracker) -> Lookup {
         Lookup {
             budget,
             metrics,
@@ -118,6 +122,7 @@ impl Lookup {
             inflight: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            tasks,
         }
     }
 
@@ -142,8 +147,10 @@ impl Lookup {
                 let req = req.clone();
                 let user = user.to_string();
                 async move {
-                    // A task of its own: it runs to the end whoever still waits for it.
-                    let task = tokio::spawn(async move { this.fetch(&req, &user).await });
+                    // A task of its own: it runs to the end whoever still waits for it
+                    // (tracked: the drain waits for it).
+                    let tasks = this.tasks.clone();
+                    let task = tasks.spawn(async move { this.fetch(&req, &user).await });
                     task.await.unwrap_or(Found::Failed)
                 }
             })
@@ -224,7 +231,8 @@ impl Lookup {
                 }
             }
             if conn.is_none() {
-                match LookupConn::open(req, &self.metrics, self.budget.as_ref()).await {
+                match LookupConn::open(req, &self.metrics, self.budget.as_ref(), &self.tasks).await
+                {
                     Ok(c) => *conn = Some(c),
                     Err(e) => {
                         tracing::warn!(target = ?req.target, error = %e, "auth lookup failed: cannot log in as auth.lookup_user; the login is refused");
@@ -316,6 +324,7 @@ impl LookupConn {
         req: &Request,
         metrics: &Metrics,
         budget: Option<&Arc<Budget>>,
+        tasks: &TaskTracker,
     ) -> Result<LookupConn, String> {
         let t = &req.target;
         let name = format!("{}/{}", t.dbname, t.user);
@@ -340,6 +349,7 @@ impl LookupConn {
             Some("-c search_path=pg_catalog"),
             req.connect_timeout,
             || {},
+            tasks,
         )
         .await?;
         metrics.opened.inc();

@@ -153,7 +153,11 @@ impl Shared {
             Budget::new(b, metrics.budget.clone(), counters)
         });
         Shared {
-            lookup: Arc::new(Lookup::new(metrics.clone(), budget.clone())),
+            lookup: Arc::new(Lookup::new(
+                metrics.clone(),
+                budget.clone(),
+                tracker.clone(),
+            )),
             runtime: RwLock::new(Arc::new(rt)),
             source,
             pools: Mutex::new(HashMap::new()),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Connection, NoTls, SimpleQueryMessage};
+use tokio_util::task::TaskTracker;
 
 use super::{open_stream, ServerTarget};
 use crate::auth::ServerCredential;
@@ -29,12 +30,15 @@ pub struct OwnClient {
 /// `application_name` and the server `options` given. Each login is bounded by `timeout`
 /// and runs in a task of its own, so a timeout does not cut it off half way: one that
 /// succeeds late is ended properly (Terminate). `on_end` runs when the connection task ends.
+/// Every task is spawned on `tasks`, the process's tracker, so the drain waits for a login
+/// that is still under way (and for its Terminate) instead of dropping it at runtime shutdown.
 pub async fn connect_own_client(
     target: &ServerTarget,
     application_name: &str,
     options: Option<&str>,
     timeout: Duration,
     on_end: impl Fn() + Clone + Send + 'static,
+    tasks: &TaskTracker,
 ) -> Result<OwnClient, String> {
     let mut config = tokio_postgres::Config::new();
     config
@@ -56,7 +60,7 @@ pub async fn connect_own_client(
     let mut last = String::from("no host to connect to");
     for (host, port) in &target.hosts {
         let (config, t, h, port) = (config.clone(), target.clone(), host.clone(), *port);
-        let mut login = tokio::spawn(async move {
+        let mut login = tasks.spawn(async move {
             let (_, stream) = open_stream(&t, &h, port).await.map_err(|e| e.to_string())?;
             config
                 .connect_raw(stream, NoTls)
@@ -75,7 +79,7 @@ pub async fn connect_own_client(
             }
             Err(_) => {
                 // Let it finish, and end it properly if it logged in after all.
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     if let Ok(Ok((client, connection))) = login.await {
                         drop(client);
                         let _ = connection.await;
@@ -85,7 +89,7 @@ pub async fn connect_own_client(
                 continue;
             }
         };
-        let own = drive(client, connection, on_end.clone());
+        let own = drive(client, connection, on_end.clone(), tasks);
         match accepts(&own.client, target.attrs, timeout).await {
             Ok(true) => return Ok(own),
             Ok(false) => last = format!("{host}:{port} does not match target_session_attrs"),
@@ -100,8 +104,9 @@ fn drive(
     client: Client,
     connection: ClientConnection,
     on_end: impl FnOnce() + Send + 'static,
+    tasks: &TaskTracker,
 ) -> OwnClient {
-    let task = tokio::spawn(async move {
+    let task = tasks.spawn(async move {
         let r = connection.await;
         on_end();
         r

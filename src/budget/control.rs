@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::policy::{self, Input, Member};
 use super::{lock, Budget, BudgetSettings};
@@ -43,7 +44,7 @@ enum End {
     Lost,
 }
 
-pub(super) async fn run(budget: Arc<Budget>) {
+pub(super) async fn run(budget: Arc<Budget>, tasks: TaskTracker) {
     let mut backoff = BACKOFF_MIN;
     loop {
         if budget.stop.is_cancelled() {
@@ -51,7 +52,7 @@ pub(super) async fn run(budget: Arc<Budget>) {
         }
         let settings = budget.settings();
         let counters = lock(&budget.counters).clone();
-        match ControlConn::open(&settings, counters).await {
+        match ControlConn::open(&settings, counters, &tasks).await {
             Ok(mut conn) => {
                 backoff = BACKOFF_MIN;
                 tracing::info!(budget = %settings.name, pid = conn.pid, "budget control connection opened");
@@ -293,6 +294,7 @@ impl ControlConn {
     async fn open(
         s: &BudgetSettings,
         counters: ServerCloseCounters,
+        tasks: &TaskTracker,
     ) -> Result<ControlConn, String> {
         let lost = CancellationToken::new();
         let done = lost.clone();
@@ -304,6 +306,7 @@ impl ControlConn {
             None,
             s.connect_timeout,
             move || done.cancel(),
+            tasks,
         )
         .await?;
         counters.opened.inc();

@@ -182,7 +182,7 @@ impl Budget {
 
     /// Start the control task on `tracker`. It runs until [`stop`](Self::stop).
     pub fn start(self: &Arc<Self>, tracker: &TaskTracker) {
-        tracker.spawn(control::run(self.clone()));
+        tracker.spawn(control::run(self.clone(), tracker.clone()));
     }
 
     /// The last step of a drain: give back what is left and close the control connection.
