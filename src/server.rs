@@ -40,7 +40,9 @@ impl Server {
         let listener = TcpListener::bind(rt.config.listen.addr)
             .await
             .map_err(|e| ServeError::Bind(rt.config.listen.addr, e))?;
-        defer_accept(&listener);
+        if rt.config.listen.tcp_defer_accept {
+            defer_accept(&listener);
+        }
         // The Unix socket is named after the TCP port actually bound (libpq's naming).
         let port = listener
             .local_addr()
@@ -132,6 +134,7 @@ impl Server {
 /// `TCP_DEFER_ACCEPT`, which neither std (unstable there), socket2 nor rustix expose: nix's
 /// documented macro for options it does not define itself generates the `setsockopt` call (its
 /// `unsafe` block is nix's; this crate keeps `unsafe_code = "forbid"`).
+#[cfg(target_os = "linux")]
 mod sockopt {
     use nix::libc;
     use nix::{setsockopt_impl, sockopt_impl};
@@ -146,18 +149,27 @@ mod sockopt {
     );
 }
 
-/// Wake the accept loop only once a client's first bytes have arrived (`TCP_DEFER_ACCEPT`, as
-/// PgBouncer's `tcp_defer_accept` does by default on Linux, doc/config.md): the accept, the first read and
-/// the reply then take one wake-up instead of two, and a read that would find nothing yet is
-/// not tried. Every Postgres client speaks first (an SSLRequest or its startup packet); one that
-/// sends nothing is accepted anyway after about a second, when the kernel retransmits its
-/// SYN-ACK and the client acknowledges it, and `login_timeout` then runs as before. A
-/// connection that is closed without a byte (a TCP health probe) is accepted at its FIN.
-/// Best effort: without it tidepool works as before, one wake-up more per login.
+/// `listen.tcp_defer_accept` (PgBouncer's `tcp_defer_accept`, on by default there on Linux,
+/// doc/config.md): the kernel wakes the accept loop only once a client's first bytes have
+/// arrived, so the accept, the first read and the reply take one wake-up instead of two, and
+/// a read that would find nothing yet is not tried (about 3 % less CPU per login). But the
+/// accept's own work then comes after the client's first bytes instead of overlapping with the
+/// client preparing them, so a login takes longer (about 10 µs here; -3 to -5 % throughput with
+/// a login per transaction), which is why it is off by default (bench/RESULTS.md). Every
+/// Postgres client speaks first (an SSLRequest or its startup packet); one that sends nothing
+/// is accepted anyway after about a second, when the kernel retransmits its SYN-ACK and the
+/// client acknowledges it, and `login_timeout` then runs as usual. A connection closed without
+/// a byte (a TCP health probe) is accepted at its FIN. Best effort: a failure is logged.
+#[cfg(target_os = "linux")]
 fn defer_accept(listener: &TcpListener) {
     if let Err(e) = nix::sys::socket::setsockopt(listener, sockopt::DeferAccept, &1) {
         tracing::warn!(error = %e, "could not set TCP_DEFER_ACCEPT on the listener");
     }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept(_listener: &TcpListener) {
+    tracing::warn!("listen.tcp_defer_accept is Linux only: ignored");
 }
 
 /// Why the server could not start.

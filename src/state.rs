@@ -374,6 +374,9 @@ impl Shared {
         if config.runtime != old.config.runtime {
             tracing::warn!("runtime.workers changes take effect only after a restart");
         }
+        if config.listen.tcp_defer_accept != old.config.listen.tcp_defer_accept {
+            tracing::warn!("listen.tcp_defer_accept changes take effect only after a restart");
+        }
         let rt = Arc::new(Runtime::new(config)?);
         match (&self.budget, rt.budget_settings()) {
             (Some(b), Some(new)) => {

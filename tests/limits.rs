@@ -944,20 +944,20 @@ async fn oversized_message_is_refused_without_waiting_for_a_server() {
     finish(tp).await;
 }
 
-/// The client listener sets TCP_DEFER_ACCEPT (as PgBouncer's tcp_defer_accept does): a
+/// `listen.tcp_defer_accept` sets TCP_DEFER_ACCEPT (PgBouncer's tcp_defer_accept): a
 /// connection whose client has sent nothing waits in the kernel, not in tidepool, and is
 /// accepted with its first bytes. One that stays silent is accepted anyway after about a
 /// second (the kernel retransmits its SYN-ACK and the client acknowledges it), and
 /// login_timeout ends it as before. A connect-and-close probe costs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_connections_wait_in_the_kernel_until_their_first_bytes() {
+async fn tcp_defer_accept_holds_silent_connections_in_the_kernel() {
     let pg = PgCluster::shared();
     let db = pg.create_db("lim_defer");
     let tp = Tidepool::start(&config(
         pg,
         &db,
         &pool("transaction", 2, ""),
-        "login_timeout = \"1s\"",
+        "login_timeout = \"1s\"\ntcp_defer_accept = true",
     ))
     .await;
     let (port, shared) = (tp.port(), tp.shared.clone());

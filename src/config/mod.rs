@@ -56,6 +56,10 @@ pub struct ListenConfig {
     pub unix_socket_dir: String,
     /// Permissions of that socket file, in octal.
     pub unix_socket_mode: String,
+    /// `TCP_DEFER_ACCEPT` on the TCP listener (PgBouncer's `tcp_defer_accept`): a connection
+    /// is accepted only once its client's first bytes have arrived. Off by default (less CPU
+    /// per login, a slower login: bench/RESULTS.md). Linux only; a restart applies it.
+    pub tcp_defer_accept: bool,
 }
 
 impl ListenConfig {
@@ -99,6 +103,7 @@ impl Default for ListenConfig {
             tls: None,
             unix_socket_dir: String::new(),
             unix_socket_mode: "0770".to_string(),
+            tcp_defer_accept: false,
         }
     }
 }

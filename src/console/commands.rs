@@ -348,6 +348,12 @@ pub(super) fn config(shared: &Shared, out: &mut BytesMut) {
             false,
         ),
         (
+            "tcp_defer_accept".into(),
+            u8::from(c.listen.tcp_defer_accept).to_string(),
+            u8::from(d.listen.tcp_defer_accept).to_string(),
+            false,
+        ),
+        (
             "max_client_conn".into(),
             c.listen.max_clients.to_string(),
             d.listen.max_clients.to_string(),
@@ -447,7 +453,12 @@ pub(super) fn config(shared: &Shared, out: &mut BytesMut) {
             false,
         ),
     ];
-    let fixed = ["listen.addr", "admin.addr", "runtime.workers"];
+    let fixed = [
+        "listen.addr",
+        "admin.addr",
+        "runtime.workers",
+        "listen.tcp_defer_accept",
+    ];
     let defaults = flatten(&d);
     for (k, val) in flatten(c) {
         let default = defaults
