@@ -9,7 +9,7 @@ to the baseline / to tidepool when the run had the `baseline` (TP_BASELINE) or `
 (TP_TIMEOUTS=1) targets; for a workload whose rows carry lat_avg_us / lat_p50_us /
 lat_p99_us, i.e. L1, a second table with the medians over the rounds of each round's average,
 p50 and p99 latency and their ratios to PgBouncer), then, with those targets, a table of tidepool ÷ baseline and
-tp_timeouts ÷ tidepool per workload; the idle-client memory table, the /metrics scrape cost,
+tp_timeouts ÷ tidepool (and tp_defer ÷ tidepool) per workload; the idle-client memory table, the /metrics scrape cost,
 and the bars of issue 21 with met/missed (for the workloads the run had: -S 16 and 200
 clients at parity, TPS ≥ 0.97× and CPU ≤ 1.03× PgBouncer's; -C -S 16 clients CPU ≤ 0.95× and
 TPS ≥ 1.0×; TPC-B TPS ≥ 1.0×; Unix sockets CPU ≤ 1.0× PgBouncer's and ≤ 0.9× tidepool's
@@ -33,6 +33,7 @@ LABEL = {
     "tidepool": "tidepool",
     "baseline": "tidepool baseline (TP_BASELINE)",
     "tp_timeouts": "tidepool, 3 timeouts on",
+    "tp_defer": "tidepool, tcp_defer_accept on",
 }
 WORKLOADS = {
     "S16": "-S -c 16",
@@ -44,7 +45,7 @@ WORKLOADS = {
     "L1": "-S -c 1 -j 1 (one client: latency)",
 }
 # (numerator, denominator) of the extra ratio columns, shown when the run has the target.
-PAIRS = [("tidepool", "baseline"), ("tp_timeouts", "tidepool")]
+PAIRS = [("tidepool", "baseline"), ("tp_timeouts", "tidepool"), ("tp_defer", "tidepool")]
 
 
 def num(x):
@@ -109,8 +110,9 @@ def main():
         if r["kind"] in ("pgbench", "memory") and r["target"] not in targets:
             targets.append(r["target"])
     present = {r["target"] for r in rows if r["kind"] == "pgbench"}
-    # Extra ratio columns: "÷ baseline" with a baseline, "÷ tidepool" with tp_timeouts.
-    extra = [den for n, den in PAIRS if n in present and den in present]
+    # Extra ratio columns: "÷ baseline" with a baseline, "÷ tidepool" with tp_timeouts or
+    # tp_defer (once).
+    extra = list(dict.fromkeys(den for n, den in PAIRS if n in present and den in present))
     for r in rows:
         if r["kind"] != "pgbench":
             continue
