@@ -152,9 +152,9 @@ mod sockopt {
 /// `listen.tcp_defer_accept` (PgBouncer's `tcp_defer_accept`, on by default there on Linux,
 /// doc/config.md): the kernel wakes the accept loop only once a client's first bytes have
 /// arrived, so the accept, the first read and the reply take one wake-up instead of two, and
-/// a read that would find nothing yet is not tried (about 3 % less CPU per login). But the
+/// a read that would find nothing yet is not tried (3-7 % less CPU per login). But the
 /// accept's own work then comes after the client's first bytes instead of overlapping with the
-/// client preparing them, so a login takes longer (about 10 µs here; -3 to -5 % throughput with
+/// client preparing them, so a login takes longer (about 10 µs here; -2 to -5 % throughput with
 /// a login per transaction), which is why it is off by default (bench/RESULTS.md). Every
 /// Postgres client speaks first (an SSLRequest or its startup packet); one that sends nothing
 /// is accepted anyway after about a second, when the kernel retransmits its SYN-ACK and the
