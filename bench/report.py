@@ -34,6 +34,7 @@ LABEL = {
     "baseline": "tidepool baseline (TP_BASELINE)",
     "tp_timeouts": "tidepool, 3 timeouts on",
     "tp_defer": "tidepool, tcp_defer_accept on",
+    "floor": "floor (examples/floor.rs: tokio, no pooler logic)",
 }
 WORKLOADS = {
     "S16": "-S -c 16",
@@ -45,7 +46,8 @@ WORKLOADS = {
     "L1": "-S -c 1 -j 1 (one client: latency)",
 }
 # (numerator, denominator) of the extra ratio columns, shown when the run has the target.
-PAIRS = [("tidepool", "baseline"), ("tp_timeouts", "tidepool"), ("tp_defer", "tidepool")]
+PAIRS = [("tidepool", "baseline"), ("tp_timeouts", "tidepool"), ("tp_defer", "tidepool"),
+         ("tidepool", "floor")]
 
 
 def num(x):
