@@ -15,8 +15,8 @@
 //! What it leaves out, all of which a real pooler needs: authentication (every client is let in,
 //! under the server login's user and database), TLS, timeouts, metrics, logging, the drain,
 //! session-state tracking, prepared statements, cancel requests, error replies to bad input
-//! (it closes the connection instead), and an explicit close of its server connections (it ends
-//! on SIGTERM's default action). A client that leaves in a transaction takes its server
+//! (it closes the connection instead), and an explicit close of its server connections (SIGINT
+//! or SIGTERM ends the process at once). A client that leaves in a transaction takes its server
 //! connection with it, and the pool is one smaller from then on.
 //!
 //! Usage: `floor LISTEN_ADDR SERVER_ADDR USER DATABASE POOL_SIZE`, for example
@@ -157,6 +157,19 @@ async fn run(
         free: Semaphore::new(size),
         spare: Mutex::new(Vec::new()),
     }));
+    // SIGINT or SIGTERM: exit at once (through `exit`, so that valgrind's tools write their
+    // files). A script's background job starts with SIGINT ignored; this undoes that too. (On
+    // the runtime, as tidepool's own signals are: a thread for them would take glibc's malloc
+    // off its single-thread path.)
+    let mut signals = signal_hook_tokio::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    tokio::spawn(async move {
+        if futures_util::StreamExt::next(&mut signals).await.is_some() {
+            std::process::exit(0);
+        }
+    });
     let listener = TcpListener::bind(listen).await?;
     eprintln!("floor: listening on {listen}, {size} server connections to {server}");
     loop {
