@@ -79,11 +79,14 @@ impl Pool {
             inner.metrics.idle.dec();
             let mut now = Instant::now();
             let (lifetime, idle) = (settings.server_lifetime, settings.server_idle_timeout);
-            if let Some(reason) = inner.unusable(&conn, lifetime, idle, now) {
-                inner.send_close(conn, reason);
-                continue;
-            }
-            if now.saturating_duration_since(conn.idle_since) >= settings.server_check_delay {
+            let idle_for = match inner.usable(&conn, lifetime, idle, now) {
+                Ok(d) => d,
+                Err(reason) => {
+                    inner.send_close(conn, reason);
+                    continue;
+                }
+            };
+            if idle_for >= settings.server_check_delay {
                 if !inner.check(&mut conn).await {
                     inner.send_close(conn, CloseReason::error);
                     continue;
@@ -129,29 +132,30 @@ impl Pool {
 }
 
 impl PoolInner {
-    /// Why an idle connection must not be lent out, if it must not.
+    /// Why an idle connection must not be lent out (`Err`), else how long it has been idle
+    /// (for the caller's `server_check_delay`, without a second clock subtraction).
     /// `lifetime` and `idle_timeout` are the pool's `server_lifetime` and
     /// `server_idle_timeout`.
-    pub(super) fn unusable(
+    pub(super) fn usable(
         &self,
         conn: &ServerConn,
         lifetime: Duration,
         idle_timeout: Duration,
         now: Instant,
-    ) -> Option<CloseReason> {
+    ) -> Result<Duration, CloseReason> {
         let idle_for = now.saturating_duration_since(conn.idle_since);
         if now.saturating_duration_since(conn.created) >= lifetime {
-            Some(CloseReason::lifetime)
+            Err(CloseReason::lifetime)
         } else if idle_for >= idle_timeout {
-            Some(CloseReason::idle_timeout)
+            Err(CloseReason::idle_timeout)
         } else if self.is_stale(conn) {
-            Some(CloseReason::reload)
+            Err(CloseReason::reload)
         } else if idle_for >= PROBE_AFTER && !conn.idle_check() {
             // A connection parked moments ago is not probed (a syscall per transaction under
             // load); upkeep probes every idle connection each second anyway.
-            Some(CloseReason::error)
+            Err(CloseReason::error)
         } else {
-            None
+            Ok(idle_for)
         }
     }
 

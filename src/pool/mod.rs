@@ -274,11 +274,14 @@ impl Pool {
                 s.server_check_delay,
             )
         };
-        if let Some(reason) = inner.unusable(&conn, lifetime, idle_timeout, now) {
-            inner.send_close(conn, reason);
-            return None;
-        }
-        if now.saturating_duration_since(conn.idle_since) >= check_delay {
+        let idle_for = match inner.usable(&conn, lifetime, idle_timeout, now) {
+            Ok(d) => d,
+            Err(reason) => {
+                inner.send_close(conn, reason);
+                return None;
+            }
+        };
+        if idle_for >= check_delay {
             // Unused long enough to need a round trip first: the caller's `checkout` does it.
             lock(&inner.idle).push_back(conn);
             inner.metrics.idle.inc();
@@ -457,14 +460,14 @@ impl Pool {
             let mut keep = VecDeque::with_capacity(idle.len());
             let mut out = Vec::new();
             while let Some(c) = idle.pop_front() {
-                match inner.unusable(
+                match inner.usable(
                     &c,
                     settings.server_lifetime,
                     settings.server_idle_timeout,
                     now,
                 ) {
-                    Some(r) => out.push((c, r)),
-                    None => keep.push_back(c),
+                    Err(r) => out.push((c, r)),
+                    Ok(_) => keep.push_back(c),
                 }
             }
             *idle = keep;

@@ -62,10 +62,13 @@ impl<'t> DrainWatch<'_, 't> {
     /// A drain signal not yet handled, if any. Cheap enough for every relay step: three
     /// atomic loads, and a poll of the token future only when the task's waker changed.
     /// The console's KILL of this client (`me`) counts as a forced close.
+    ///
+    /// The usual case (no signal, the waker already registered) is inlined into the relay's
+    /// steps; the rest is [`poll_rest`](Self::poll_rest).
+    #[inline]
     pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Option<Ev> {
         let shutdown = self.shutdown;
-        let me = &*self.me;
-        if !self.force_seen && (shutdown.is_forced() || me.is_killed()) {
+        if !self.force_seen && (shutdown.is_forced() || self.me.is_killed()) {
             return Some(Ev::Force);
         }
         if !self.boundary_seen && shutdown.is_boundary() {
@@ -74,6 +77,23 @@ impl<'t> DrainWatch<'_, 't> {
         if self.force_seen {
             return None;
         }
+        if !self.boundary_seen
+            && self
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return None;
+        }
+        self.poll_rest(cx)
+    }
+
+    /// [`poll`](Self::poll) past its checks: wait on the force token once a boundary close
+    /// has begun, and register a new waker.
+    #[inline(never)]
+    fn poll_rest(&mut self, cx: &mut Context<'_>) -> Option<Ev> {
+        let shutdown = self.shutdown;
+        let me = &*self.me;
         if self.boundary_seen && !self.waits_for_force {
             let shutdown: &'t crate::shutdown::Shutdown = self.shutdown;
             self.waiter.set(shutdown.force_token_ref().cancelled());
