@@ -126,6 +126,17 @@ struct Session {
     iso: u8,
 }
 
+/// Drop the first `n` bytes, which were written. All of them (the usual case): the buffer is
+/// cleared and keeps its start, so giving it back to the spares or reading into it again
+/// needs no reclaiming of the space before its start (`BytesMut::reserve`).
+fn consume(buf: &mut BytesMut, n: usize) {
+    if n == buf.len() {
+        buf.clear();
+    } else {
+        buf.advance(n);
+    }
+}
+
 fn gauge_of(g: &ClientGauges, state: ClientState) -> &prometheus_client::metrics::gauge::Gauge {
     match state {
         ClientState::active => &g.active,
@@ -482,7 +493,7 @@ impl Session {
     fn absorb(&mut self, step: Step) -> Option<Ev> {
         match step {
             Step::ServerWrote(Ok(n)) if n > 0 => {
-                self.cbuf.advance(n);
+                consume(&mut self.cbuf, n);
                 self.c_ready -= n;
                 None
             }
@@ -495,7 +506,7 @@ impl Session {
             }
             Step::ClientWrote(Ok(n)) if n > 0 => {
                 self.pool_metrics().bytes_sent.inc_by(n as u64);
-                self.sbuf.advance(n);
+                consume(&mut self.sbuf, n);
                 self.s_ready -= n;
                 None
             }
@@ -623,7 +634,7 @@ impl Session {
                 return Some(Exit::ClientGone);
             }
             self.pool_metrics().bytes_sent.inc_by(self.s_ready as u64);
-            self.sbuf.advance(self.s_ready);
+            consume(&mut self.sbuf, self.s_ready);
             self.s_ready = 0;
         }
         self.set_gauge(ClientState::waiting);
