@@ -368,14 +368,8 @@ impl Shared {
             config.admin.addr = a;
         }
         let old = self.runtime();
-        if config.listen.addr != old.config.listen.addr || config.admin.addr != old.admin_addr() {
-            tracing::warn!("listen.addr and admin.addr changes take effect only after a restart");
-        }
-        if config.runtime != old.config.runtime {
-            tracing::warn!("runtime.workers changes take effect only after a restart");
-        }
-        if config.listen.tcp_defer_accept != old.config.listen.tcp_defer_accept {
-            tracing::warn!("listen.tcp_defer_accept changes take effect only after a restart");
+        for key in old.config.restart_only_changes(&config) {
+            tracing::warn!("{key} changes take effect only after a restart");
         }
         let rt = Arc::new(Runtime::new(config)?);
         match (&self.budget, rt.budget_settings()) {
@@ -405,12 +399,6 @@ impl Shared {
         self.lookup.clear();
         tracing::info!("configuration reloaded");
         Ok(())
-    }
-}
-
-impl Runtime {
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.config.admin.addr
     }
 }
 

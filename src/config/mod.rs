@@ -320,6 +320,29 @@ impl PoolSettings {
 }
 
 impl Config {
+    /// The keys a reload cannot apply (a restart does): the reload warns when one of them
+    /// changes, and the console's SHOW CONFIG lists them as not changeable.
+    pub const RESTART_ONLY: [&'static str; 4] = [
+        "listen.addr",
+        "admin.addr",
+        "runtime.workers",
+        "listen.tcp_defer_accept",
+    ];
+
+    /// The [`RESTART_ONLY`](Self::RESTART_ONLY) keys whose values differ in `new`.
+    pub fn restart_only_changes(&self, new: &Config) -> impl Iterator<Item = &'static str> {
+        let changed = [
+            self.listen.addr != new.listen.addr,
+            self.admin.addr != new.admin.addr,
+            self.runtime != new.runtime,
+            self.listen.tcp_defer_accept != new.listen.tcp_defer_accept,
+        ];
+        Self::RESTART_ONLY
+            .into_iter()
+            .zip(changed)
+            .filter_map(|(key, changed)| changed.then_some(key))
+    }
+
     /// Read, expand and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -657,6 +680,23 @@ port = 5433
         assert_eq!(s.size, 20);
         assert_eq!(s.reset_query, "DISCARD ALL");
         assert_eq!(c.databases["app"].port, Ports(vec![5433]));
+    }
+
+    #[test]
+    fn restart_only_changes_name_each_key() {
+        let old = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(old.restart_only_changes(&old.clone()).count(), 0);
+        let edits: [fn(&mut Config); 4] = [
+            |c| c.listen.addr = "127.0.0.1:7000".parse().unwrap(),
+            |c| c.admin.addr = "127.0.0.1:7001".parse().unwrap(),
+            |c| c.runtime.workers = 3,
+            |c| c.listen.tcp_defer_accept = true,
+        ];
+        for (edit, key) in edits.into_iter().zip(Config::RESTART_ONLY) {
+            let mut new = old.clone();
+            edit(&mut new);
+            assert_eq!(old.restart_only_changes(&new).collect::<Vec<_>>(), [key]);
+        }
     }
 
     #[test]

@@ -453,12 +453,7 @@ pub(super) fn config(shared: &Shared, out: &mut BytesMut) {
             false,
         ),
     ];
-    let fixed = [
-        "listen.addr",
-        "admin.addr",
-        "runtime.workers",
-        "listen.tcp_defer_accept",
-    ];
+    let fixed = crate::config::Config::RESTART_ONLY;
     let defaults = flatten(&d);
     for (k, val) in flatten(c) {
         let default = defaults
